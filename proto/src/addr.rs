@@ -62,11 +62,14 @@ pub fn encode_into(addr: &SocketAddr, out: &mut [u8]) -> Option<usize> {
     Some(len)
 }
 
+/// Decodes an address. An IPv4-mapped IPv6 address on the wire (which `encode` never
+/// writes) is returned as IPv4, like everything else this module hands out, so a decoded
+/// address always re-encodes to the same value.
 pub(crate) fn decode(r: &mut Reader<'_>) -> Result<SocketAddr, WireError> {
     let ip = match r.u8()? {
         FAMILY_V4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>()?)),
         FAMILY_V6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>()?)),
         _ => return Err(WireError::Invalid("unknown address family")),
     };
-    Ok(SocketAddr::new(ip, r.u16()?))
+    Ok(canonical(SocketAddr::new(ip, r.u16()?)))
 }

@@ -437,3 +437,519 @@ impl MessageReader {
         Some(Ok(msg))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::{Index, select};
+
+    use super::*;
+
+    const KNOWN_TYPES: [u8; 12] = [
+        TYPE_HELLO,
+        TYPE_REGISTER,
+        TYPE_CONNECT,
+        TYPE_CLOSE_SESSION,
+        TYPE_PING,
+        TYPE_WELCOME,
+        TYPE_OBSERVED_ADDRESS,
+        TYPE_REGISTERED,
+        TYPE_SESSION_OFFER,
+        TYPE_SESSION_CLOSED,
+        TYPE_ERROR,
+        TYPE_PONG,
+    ];
+
+    /// Cuts `s` to at most `max` bytes, on a char boundary.
+    fn truncate_bytes(mut s: String, max: usize) -> String {
+        let mut n = s.len().min(max);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        s.truncate(n);
+        s
+    }
+
+    /// Any UTF-8 text of at most `max` bytes, with the exact limit (ASCII and multi-byte)
+    /// generated on purpose.
+    fn text(max: usize) -> impl Strategy<Value = String> {
+        prop_oneof![
+            6 => vec(any::<char>(), 0..=max.min(48)).prop_map(move |cs| truncate_bytes(cs.into_iter().collect(), max)),
+            2 => vec(any::<char>(), 0..=max).prop_map(move |cs| truncate_bytes(cs.into_iter().collect(), max)),
+            1 => Just("x".repeat(max)),
+            1 => Just("é".repeat(max / 2)),
+        ]
+    }
+
+    fn service() -> impl Strategy<Value = String> {
+        prop_oneof![
+            8 => "[a-z0-9._-]{1,16}",
+            2 => "[a-z0-9._-]{1,63}",
+            1 => Just("z".repeat(MAX_SERVICE_LEN)),
+        ]
+    }
+
+    fn services() -> impl Strategy<Value = Vec<String>> {
+        prop_oneof![
+            8 => vec(service(), 0..8),
+            1 => vec(service(), 0..=MAX_SERVICES),
+            1 => vec(service(), MAX_SERVICES),
+        ]
+    }
+
+    fn error_code() -> impl Strategy<Value = ErrorCode> {
+        let known: Vec<u16> = ErrorCode::ALL.iter().map(|c| c.to_u16()).collect();
+        prop_oneof![
+            select(ErrorCode::ALL.to_vec()),
+            any::<u16>().prop_filter("not a known code", move |v| !known.contains(v)).prop_map(ErrorCode::Other),
+            Just(ErrorCode::Other(0)),
+            Just(ErrorCode::Other(u16::MAX)),
+        ]
+    }
+
+    fn role() -> impl Strategy<Value = Role> {
+        prop_oneof![Just(Role::Agent), Just(Role::Connector)]
+    }
+
+    fn session() -> impl Strategy<Value = SessionId> {
+        any::<[u8; ID_LEN]>().prop_map(SessionId)
+    }
+
+    /// Canonical socket addresses (what `ObservedAddress` decodes to).
+    fn socket_addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), port)),
+            (any::<[u8; 16]>(), any::<u16>())
+                .prop_map(|(ip, port)| addr::canonical(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port))),
+            any::<u16>().prop_map(|port| SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)),
+        ]
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (any::<u16>(), text(MAX_TEXT_LEN)).prop_map(|(version, software)| Message::Hello { version, software }),
+            services().prop_map(|services| Message::Register { services }),
+            (any::<u32>(), service()).prop_map(|(request_id, service)| Message::Connect { request_id, service }),
+            session().prop_map(|session| Message::CloseSession { session }),
+            any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
+            (any::<u16>(), role(), text(MAX_IDENTITY_LEN), services())
+                .prop_map(|(version, role, identity, services)| Message::Welcome { version, role, identity, services }),
+            (any::<u32>(), socket_addr()).prop_map(|(seq, addr)| Message::ObservedAddress { seq, addr }),
+            services().prop_map(|services| Message::Registered { services }),
+            (session(), any::<u32>(), service(), role(), text(MAX_IDENTITY_LEN)).prop_map(
+                |(session, request_id, service, peer_role, peer_identity)| Message::SessionOffer {
+                    session,
+                    request_id,
+                    service,
+                    peer_role,
+                    peer_identity
+                }
+            ),
+            (session(), error_code()).prop_map(|(session, reason)| Message::SessionClosed { session, reason }),
+            (any::<u32>(), error_code(), text(MAX_TEXT_LEN)).prop_map(|(request_id, code, message)| Message::Error {
+                request_id,
+                code,
+                message
+            }),
+            any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
+        ]
+    }
+
+    fn encoded(msg: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        msg.encode(&mut out).expect("valid message encodes");
+        out
+    }
+
+    /// Pushes `bytes` into a fresh reader in chunks of the given sizes (cycled) and drains
+    /// it after every push. Stops at the first framing error.
+    fn feed(
+        bytes: &[u8],
+        chunks: &[usize],
+    ) -> (Vec<Result<Message, DecodeError>>, Option<FramingError>, MessageReader) {
+        let mut reader = MessageReader::new();
+        let mut out = Vec::new();
+        let mut pos = 0;
+        for &size in chunks.iter().cycle() {
+            if pos == bytes.len() {
+                break;
+            }
+            let end = (pos + size.max(1)).min(bytes.len());
+            reader.push(&bytes[pos..end]);
+            pos = end;
+            while let Some(next) = reader.next_message() {
+                match next {
+                    Ok(msg) => out.push(msg),
+                    Err(e) => return (out, Some(e), reader),
+                }
+            }
+        }
+        (out, None, reader)
+    }
+
+    /// If `body` decodes, the value must survive an encode/decode round trip.
+    fn check_reencode(body: &[u8]) -> Result<(), TestCaseError> {
+        if let Ok(msg) = Message::decode(body) {
+            let mut out = Vec::new();
+            prop_assert_eq!(msg.encode(&mut out), Ok(()), "a decoded message must re-encode: {:?}", msg);
+            prop_assert_eq!(u16::from_be_bytes([out[0], out[1]]) as usize, out.len() - 2);
+            prop_assert_eq!(Message::decode(&out[2..]), Ok(msg));
+        }
+        Ok(())
+    }
+
+    fn bad_service_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            "[a-z0-9._-]{64,80}",
+            (
+                "[a-z0-9._-]{0,10}",
+                prop_oneof![
+                    3 => (0u8..0x80).prop_map(char::from),
+                    1 => any::<char>(),
+                ]
+                .prop_filter("invalid char", |c| !valid_service_name(&c.to_string())),
+                "[a-z0-9._-]{0,10}"
+            )
+                .prop_map(|(a, b, c)| format!("{a}{b}{c}")),
+        ]
+    }
+
+    /// Text over `max` bytes (also multi-byte text whose char count is within the limit).
+    fn long_text(max: usize) -> impl Strategy<Value = String> {
+        prop_oneof![
+            (max + 1..max + 64).prop_map(|n| "y".repeat(n)),
+            (max / 2 + 1..max / 2 + 32).prop_map(|n| "é".repeat(n)),
+        ]
+    }
+
+    fn services_with_bad_name() -> impl Strategy<Value = (Vec<String>, String)> {
+        (vec(service(), 0..8), bad_service_name(), any::<Index>()).prop_map(|(mut list, bad, at)| {
+            list.insert(at.index(list.len() + 1), bad.clone());
+            (list, bad)
+        })
+    }
+
+    /// A message with exactly one field the spec forbids, and the error encode must report.
+    fn invalid_message() -> impl Strategy<Value = (Message, EncodeError)> {
+        let too_many = || vec(service(), MAX_SERVICES + 1..MAX_SERVICES + 8);
+        prop_oneof![
+            (any::<u16>(), long_text(MAX_TEXT_LEN)).prop_map(|(version, software)| (
+                Message::Hello { version, software },
+                EncodeError::TooLong("software")
+            )),
+            services_with_bad_name()
+                .prop_map(|(services, bad)| (Message::Register { services }, EncodeError::BadServiceName(bad))),
+            too_many().prop_map(|services| (Message::Register { services }, EncodeError::TooLong("service list"))),
+            services_with_bad_name()
+                .prop_map(|(services, bad)| (Message::Registered { services }, EncodeError::BadServiceName(bad))),
+            too_many().prop_map(|services| (Message::Registered { services }, EncodeError::TooLong("service list"))),
+            (any::<u32>(), bad_service_name()).prop_map(|(request_id, bad)| (
+                Message::Connect { request_id, service: bad.clone() },
+                EncodeError::BadServiceName(bad)
+            )),
+            (role(), long_text(MAX_IDENTITY_LEN), services()).prop_map(|(role, identity, services)| (
+                Message::Welcome { version: 1, role, identity, services },
+                EncodeError::TooLong("identity")
+            )),
+            (role(), text(MAX_IDENTITY_LEN), services_with_bad_name()).prop_map(|(role, identity, (services, bad))| (
+                Message::Welcome { version: 1, role, identity, services },
+                EncodeError::BadServiceName(bad)
+            )),
+            (role(), text(MAX_IDENTITY_LEN), too_many()).prop_map(|(role, identity, services)| (
+                Message::Welcome { version: 1, role, identity, services },
+                EncodeError::TooLong("service list")
+            )),
+            (session(), bad_service_name(), role(), text(MAX_IDENTITY_LEN)).prop_map(
+                |(session, bad, peer_role, peer_identity)| (
+                    Message::SessionOffer { session, request_id: 7, service: bad.clone(), peer_role, peer_identity },
+                    EncodeError::BadServiceName(bad)
+                )
+            ),
+            (session(), service(), role(), long_text(MAX_IDENTITY_LEN)).prop_map(
+                |(session, service, peer_role, peer_identity)| (
+                    Message::SessionOffer { session, request_id: 7, service, peer_role, peer_identity },
+                    EncodeError::TooLong("peer identity")
+                )
+            ),
+            (any::<u32>(), error_code(), long_text(MAX_TEXT_LEN)).prop_map(|(request_id, code, message)| (
+                Message::Error { request_id, code, message },
+                EncodeError::TooLong("error message")
+            )),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip_through_reader(
+            msgs in vec(message(), 1..6),
+            chunks in prop_oneof![Just(vec![1usize]), vec(1usize..=300, 1..16), Just(vec![usize::MAX])],
+        ) {
+            let mut bytes = Vec::new();
+            for msg in &msgs {
+                let start = bytes.len();
+                prop_assert_eq!(msg.encode(&mut bytes), Ok(()));
+                let frame = &bytes[start..];
+                prop_assert_eq!(u16::from_be_bytes([frame[0], frame[1]]) as usize, frame.len() - 2);
+                prop_assert!(frame.len() - 2 <= MAX_MESSAGE_LEN);
+                prop_assert_eq!(frame[2], msg.kind());
+                prop_assert_eq!(&Message::decode(&frame[2..]), &Ok(msg.clone()));
+            }
+            let (got, framing, mut reader) = feed(&bytes, &chunks);
+            prop_assert_eq!(framing, None);
+            let want: Vec<_> = msgs.into_iter().map(Ok).collect();
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(reader.pending(), 0);
+            prop_assert!(reader.next_message().is_none());
+        }
+
+        #[test]
+        fn reader_yields_each_frame_in_order(
+            frames in vec(prop_oneof![
+                message().prop_map(|m| encoded(&m)[2..].to_vec()),
+                vec(any::<u8>(), 0..48),
+                (select(KNOWN_TYPES.to_vec()), vec(any::<u8>(), 0..48)).prop_map(|(t, mut v)| { v.insert(0, t); v }),
+            ], 1..12),
+            chunks in vec(1usize..=40, 1..8),
+        ) {
+            // Well-framed bodies, valid or not: the reader reports exactly what decode says
+            // about each one, in order, and never loses framing.
+            let mut bytes = Vec::new();
+            for body in &frames {
+                bytes.extend_from_slice(&(body.len() as u16).to_be_bytes());
+                bytes.extend_from_slice(body);
+            }
+            let (got, framing, reader) = feed(&bytes, &chunks);
+            prop_assert_eq!(framing, None);
+            prop_assert_eq!(got, frames.iter().map(|b| Message::decode(b)).collect::<Vec<_>>());
+            prop_assert_eq!(reader.pending(), 0);
+        }
+
+        #[test]
+        fn every_strict_prefix_of_a_body_is_rejected(msg in message()) {
+            let frame = encoded(&msg);
+            let body = &frame[2..];
+            for k in 0..body.len() {
+                prop_assert!(Message::decode(&body[..k]).is_err(), "prefix {} of {:?} decoded", k, msg);
+            }
+        }
+
+        #[test]
+        fn trailing_bytes_are_rejected(msg in message(), extra in vec(any::<u8>(), 1..16), next in message()) {
+            let mut body = encoded(&msg)[2..].to_vec();
+            body.extend_from_slice(&extra);
+            let err = DecodeError::Malformed { kind: msg.kind(), err: WireError::Invalid("trailing bytes") };
+            prop_assert_eq!(Message::decode(&body), Err(err.clone()));
+            // Through the reader: the bad message is reported and the stream stays usable.
+            let mut stream = (body.len() as u16).to_be_bytes().to_vec();
+            stream.extend_from_slice(&body);
+            stream.extend_from_slice(&encoded(&next));
+            let (got, framing, _) = feed(&stream, &[usize::MAX]);
+            prop_assert_eq!(framing, None);
+            prop_assert_eq!(got, vec![Err(err), Ok(next)]);
+        }
+
+        #[test]
+        fn decode_never_panics(
+            bytes in prop_oneof![
+                vec(any::<u8>(), 0..256),
+                (select(KNOWN_TYPES.to_vec()), vec(any::<u8>(), 0..256)).prop_map(|(t, mut v)| { v.insert(0, t); v }),
+            ],
+        ) {
+            check_reencode(&bytes)?;
+        }
+
+        #[test]
+        fn mutated_messages_never_panic_and_reencode(
+            msg in message(),
+            flips in vec((any::<Index>(), any::<u8>()), 1..4),
+            cut in any::<Index>(),
+            truncate in any::<bool>(),
+        ) {
+            let mut body = encoded(&msg)[2..].to_vec();
+            for (at, byte) in flips {
+                let i = at.index(body.len());
+                body[i] = byte;
+            }
+            if truncate {
+                body.truncate(cut.index(body.len() + 1));
+            }
+            check_reencode(&body)?;
+        }
+
+        #[test]
+        fn observed_address_wire_forms_decode_canonically(
+            seq in any::<u32>(),
+            v4 in any::<[u8; 4]>(),
+            v6 in any::<[u8; 16]>(),
+            port in any::<u16>(),
+            mapped in any::<bool>(),
+        ) {
+            let mut body = vec![TYPE_OBSERVED_ADDRESS];
+            body.extend_from_slice(&seq.to_be_bytes());
+            body.push(addr::FAMILY_V6);
+            let ip = if mapped { Ipv4Addr::from(v4).to_ipv6_mapped() } else { Ipv6Addr::from(v6) };
+            body.extend_from_slice(&ip.octets());
+            body.extend_from_slice(&port.to_be_bytes());
+            let want = addr::canonical(SocketAddr::new(IpAddr::V6(ip), port));
+            prop_assert_eq!(Message::decode(&body), Ok(Message::ObservedAddress { seq, addr: want }));
+            check_reencode(&body)?;
+        }
+
+        #[test]
+        fn reader_never_panics_on_arbitrary_bytes(bytes in vec(any::<u8>(), 0..2048), chunks in vec(1usize..=64, 1..8)) {
+            let (got, framing, mut reader) = feed(&bytes, &chunks);
+            // Fed whole, the same bytes give the same messages.
+            let (whole, whole_framing, _) = feed(&bytes, &[usize::MAX]);
+            prop_assert_eq!(&got, &whole);
+            prop_assert_eq!(&framing, &whole_framing);
+            if framing.is_none() {
+                prop_assert!(reader.next_message().is_none());
+                // What is left is an incomplete message.
+                let rest = &bytes[bytes.len() - reader.pending()..];
+                if rest.len() >= 2 {
+                    prop_assert!(rest.len() < 2 + u16::from_be_bytes([rest[0], rest[1]]) as usize);
+                }
+            }
+        }
+
+        #[test]
+        fn oversized_length_prefix_is_a_framing_error(
+            len in MAX_MESSAGE_LEN as u16 + 1..=u16::MAX,
+            before in vec(message(), 0..3),
+            tail in vec(any::<u8>(), 0..64),
+            chunks in vec(1usize..=16, 1..4),
+        ) {
+            let mut bytes = Vec::new();
+            for msg in &before {
+                msg.encode(&mut bytes).unwrap();
+            }
+            bytes.extend_from_slice(&len.to_be_bytes());
+            bytes.extend_from_slice(&tail);
+            let (got, framing, _) = feed(&bytes, &chunks);
+            prop_assert_eq!(got, before.into_iter().map(Ok).collect::<Vec<_>>());
+            prop_assert_eq!(framing, Some(FramingError(len as usize)));
+        }
+
+        #[test]
+        fn encode_rejects_invalid_fields_and_writes_nothing(
+            (msg, want) in invalid_message(),
+            prefix in vec(any::<u8>(), 0..8),
+        ) {
+            let mut out = prefix.clone();
+            prop_assert_eq!(msg.encode(&mut out), Err(want));
+            prop_assert_eq!(out, prefix);
+        }
+
+        #[test]
+        fn error_code_round_trips(c in error_code()) {
+            prop_assert_eq!(ErrorCode::from_u16(c.to_u16()), c);
+        }
+    }
+
+    #[test]
+    fn service_name_alphabet_and_length() {
+        for b in 0u8..=0x7f {
+            let c = char::from(b);
+            let want = c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
+            assert_eq!(valid_service_name(&format!("a{c}b")), want, "{c:?}");
+        }
+        for bad in ["", "é", "A", "web app", "web/app", "ß"] {
+            assert!(!valid_service_name(bad), "{bad:?}");
+        }
+        assert!(valid_service_name(&"a".repeat(MAX_SERVICE_LEN)));
+        assert!(!valid_service_name(&"a".repeat(MAX_SERVICE_LEN + 1)));
+    }
+
+    #[test]
+    fn error_code_wire_values_are_fixed() {
+        // The codes are part of the protocol: changing one breaks deployed peers.
+        let wire: Vec<(u16, &str)> = ErrorCode::ALL.iter().map(|c| (c.to_u16(), c.name())).collect();
+        assert_eq!(
+            wire,
+            [
+                (1, "malformed"),
+                (2, "unsupported_version"),
+                (3, "unknown_service"),
+                (4, "not_authorized"),
+                (5, "no_connector_available"),
+                (6, "wrong_role"),
+                (7, "protocol_violation"),
+                (8, "rate_limited"),
+                (9, "session_limit"),
+                (10, "idle_timeout"),
+                (11, "peer_gone"),
+                (12, "unsupported_message"),
+                (13, "internal"),
+            ]
+        );
+        assert_eq!(ErrorCode::Other(500).to_string(), "error code 500");
+        assert_eq!(ErrorCode::NotAuthorized.to_string(), "not_authorized");
+    }
+
+    #[test]
+    fn error_codes_are_distinct_and_total() {
+        for (i, a) in ErrorCode::ALL.iter().enumerate() {
+            assert!(!matches!(a, ErrorCode::Other(_)));
+            assert_eq!(ErrorCode::from_u16(a.to_u16()), *a);
+            for b in &ErrorCode::ALL[i + 1..] {
+                assert_ne!(a.to_u16(), b.to_u16());
+                assert_ne!(a.name(), b.name());
+            }
+        }
+        for v in 0..=u16::MAX {
+            let c = ErrorCode::from_u16(v);
+            assert_eq!(c.to_u16(), v);
+            assert_eq!(matches!(c, ErrorCode::Other(_)), !ErrorCode::ALL.iter().any(|k| k.to_u16() == v));
+        }
+    }
+
+    #[test]
+    fn max_length_prefix_is_not_a_framing_error() {
+        let mut reader = MessageReader::new();
+        reader.push(&(MAX_MESSAGE_LEN as u16).to_be_bytes());
+        reader.push(&[0xee; MAX_MESSAGE_LEN - 1]);
+        assert!(reader.next_message().is_none());
+        reader.push(&[0xee]);
+        assert_eq!(reader.next_message(), Some(Ok(Err(DecodeError::UnknownType(0xee)))));
+        assert_eq!(reader.pending(), 0);
+        reader.push(&(MAX_MESSAGE_LEN as u16 + 1).to_be_bytes());
+        assert_eq!(reader.next_message(), Some(Err(FramingError(MAX_MESSAGE_LEN + 1))));
+    }
+
+    #[test]
+    fn mapped_ipv6_is_sent_as_ipv4() {
+        let v4 = Ipv4Addr::new(192, 0, 2, 7);
+        let msg = Message::ObservedAddress { seq: 3, addr: SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), 4433) };
+        let frame = encoded(&msg);
+        assert_eq!(frame[2 + 1 + 4], addr::FAMILY_V4);
+        assert_eq!(
+            Message::decode(&frame[2..]),
+            Ok(Message::ObservedAddress { seq: 3, addr: SocketAddr::new(IpAddr::V4(v4), 4433) })
+        );
+    }
+
+    #[test]
+    fn reader_compacts_and_keeps_order() {
+        let mut bytes = Vec::new();
+        for nonce in 0..2000u64 {
+            Message::Ping { nonce }.encode(&mut bytes).unwrap();
+        }
+        let mut reader = MessageReader::new();
+        let mut next = 0u64;
+        for chunk in bytes.chunks(997) {
+            reader.push(chunk);
+            while let Some(m) = reader.next_message() {
+                assert_eq!(m, Ok(Ok(Message::Ping { nonce: next })));
+                next += 1;
+            }
+            assert!(reader.buf.len() <= 2 * 4096 + 2 * 997, "buffer grows without bound: {}", reader.buf.len());
+        }
+        assert_eq!(next, 2000);
+        assert_eq!(reader.pending(), 0);
+    }
+}

@@ -7,6 +7,7 @@ pub mod addr;
 pub mod control;
 pub mod frame;
 pub mod id;
+pub mod identity;
 pub mod steering;
 mod wire;
 

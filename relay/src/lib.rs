@@ -1,0 +1,124 @@
+//! The ZTNA relay ("Intermediate"): authenticates agents and connectors over QUIC with
+//! mutual TLS, reports their observed addresses (QAD), brokers sessions, and forwards the
+//! opaque DATA frames of their end-to-end tunnels on one pinned worker per core.
+
+pub mod admin;
+pub mod config;
+pub mod control;
+pub mod io;
+pub mod metrics;
+pub mod pki;
+pub mod policy;
+pub mod ratelimit;
+pub mod registry;
+pub mod retry;
+pub mod sessions;
+pub mod shared;
+pub mod tls;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+
+use anyhow::{Context, Result};
+
+use crate::config::Config;
+use crate::policy::Policy;
+use crate::shared::{Mailbox, Shared};
+
+/// A running relay: its workers and admin endpoint.
+pub struct Relay {
+    pub shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    admin: Option<admin::Admin>,
+}
+
+impl Relay {
+    /// Binds every worker's socket and the admin endpoint, then starts the workers.
+    pub fn start(config: Config) -> Result<Relay> {
+        config.validate()?;
+        let n = config.worker_count()?;
+        let policy = Policy::load(&config.policy)?;
+        // Fail fast on unreadable TLS material, before binding anything.
+        tls::server_config(&config)?;
+
+        let first = io::bind_worker_socket(config.listen)?;
+        let local_addr = first.local_addr()?;
+        let mut sockets = vec![first];
+        for _ in 1..n {
+            // Same port for every worker (resolved if the config asked for port 0).
+            sockets.push(io::bind_worker_socket(local_addr)?);
+        }
+        let mut mailboxes = Vec::with_capacity(n);
+        let mut inboxes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (mb, rx) = Mailbox::new().context("creating worker mailbox")?;
+            mailboxes.push(mb);
+            inboxes.push(rx);
+        }
+        let admin_addr = config.admin;
+        let pin = config.pin_workers;
+        let shared = Arc::new(Shared::new(config, local_addr, policy, n as u8, mailboxes));
+        let admin = admin::Admin::start(admin_addr, shared.clone())?;
+
+        let cores = if pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+        let mut workers = Vec::with_capacity(n);
+        for (i, (socket, inbox)) in sockets.into_iter().zip(inboxes).enumerate() {
+            let w = worker::Worker::new(i as u8, shared.clone(), socket, inbox)?;
+            let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+            let handle = std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
+                if let Some(core) = core
+                    && !core_affinity::set_for_current(core)
+                {
+                    tracing::warn!(worker = i, core = core.id, "could not pin worker to its core");
+                }
+                w.run()
+            })?;
+            workers.push(handle);
+        }
+        tracing::info!(listen = %local_addr, admin = %admin.addr, workers = n, "relay started");
+        Ok(Relay { shared, workers, admin: Some(admin) })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr)
+    }
+
+    /// SIGHUP: reload the policy and check the TLS files; workers pick both up.
+    pub fn reload(&self) -> Result<()> {
+        let cfg = &self.shared.config;
+        let result = tls::server_config(cfg).and_then(|_| Policy::load(&cfg.policy));
+        let label = |r: &str| metrics::ReasonLabel { reason: r.into() };
+        match result {
+            Ok(policy) => {
+                self.shared.set_policy(policy);
+                self.shared.generation.fetch_add(1, Ordering::Relaxed);
+                self.shared.wake_all();
+                self.shared.metrics.reloads.get_or_create(&label("ok")).inc();
+                tracing::info!("reloaded certificates and policy");
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.metrics.reloads.get_or_create(&label("failed")).inc();
+                Err(e.context("reload failed; keeping the running configuration"))
+            }
+        }
+    }
+
+    /// SIGTERM: close every connection (clients see "relay shutting down"), wait for the
+    /// workers up to the drain timeout, and return.
+    pub fn drain(mut self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        self.shared.wake_all();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        self.admin.take();
+    }
+}

@@ -1,0 +1,98 @@
+//! Which connectors serve which service, across all workers. Touched only on the control
+//! path (register, connect, disconnect), never per packet, so a mutex is fine here.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::sessions::ConnRef;
+
+#[derive(Debug, Clone)]
+pub struct ConnectorEntry {
+    pub conn: ConnRef,
+    pub identity: Arc<str>,
+    pub addr: SocketAddr,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    services: HashMap<String, Vec<ConnectorEntry>>,
+    /// Round-robin cursor per service, so load spreads over live connectors.
+    cursors: HashMap<String, usize>,
+}
+
+impl Registry {
+    pub fn register(&mut self, service: &str, entry: ConnectorEntry) {
+        let list = self.services.entry(service.to_owned()).or_default();
+        list.retain(|e| e.conn != entry.conn);
+        list.push(entry);
+    }
+
+    /// Removes every registration of a connection; returns how many there were.
+    pub fn remove_conn(&mut self, conn: ConnRef) -> usize {
+        let mut removed = 0;
+        self.services.retain(|_, list| {
+            let before = list.len();
+            list.retain(|e| e.conn != conn);
+            removed += before - list.len();
+            !list.is_empty()
+        });
+        removed
+    }
+
+    /// Removes one registration (the policy no longer allows it).
+    pub fn unregister(&mut self, service: &str, conn: ConnRef) -> bool {
+        let Some(list) = self.services.get_mut(service) else { return false };
+        let before = list.len();
+        list.retain(|e| e.conn != conn);
+        let removed = list.len() != before;
+        if list.is_empty() {
+            self.services.remove(service);
+        }
+        removed
+    }
+
+    pub fn update_addr(&mut self, conn: ConnRef, addr: SocketAddr) {
+        for e in self.services.values_mut().flatten().filter(|e| e.conn == conn) {
+            e.addr = addr;
+        }
+    }
+
+    /// A live connector for `service`, round-robin.
+    pub fn pick(&mut self, service: &str) -> Option<ConnectorEntry> {
+        let list = self.services.get(service).filter(|l| !l.is_empty())?;
+        let cursor = self.cursors.entry(service.to_owned()).or_default();
+        let entry = list[*cursor % list.len()].clone();
+        *cursor = cursor.wrapping_add(1);
+        Some(entry)
+    }
+
+    pub fn registrations(&self) -> usize {
+        self.services.values().map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(worker: u8, n: u8) -> ConnectorEntry {
+        ConnectorEntry { conn: ConnRef { worker, conn: [n; 8] }, identity: "ztna://connector/x".into(), addr: "192.0.2.9:1".parse().unwrap() }
+    }
+
+    #[test]
+    fn round_robin_and_removal() {
+        let mut r = Registry::default();
+        r.register("web", entry(0, 1));
+        r.register("web", entry(1, 2));
+        r.register("web", entry(1, 2));
+        assert_eq!(r.registrations(), 2);
+        let a = r.pick("web").unwrap().conn;
+        let b = r.pick("web").unwrap().conn;
+        assert_ne!(a, b);
+        assert_eq!(r.remove_conn(entry(0, 1).conn), 1);
+        assert_eq!(r.pick("web").unwrap().conn, entry(1, 2).conn);
+        assert!(r.unregister("web", entry(1, 2).conn));
+        assert!(r.pick("web").is_none());
+    }
+}

@@ -1,0 +1,134 @@
+//! State every worker can reach: configuration, policy, the connector registry, the retry
+//! key, metrics and the mailboxes. Everything here is either immutable, atomic, or taken
+//! only on the control path.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use ztna_proto::{ErrorCode, Message, SessionId};
+
+use crate::config::Config;
+use crate::control::ConnKey;
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::registry::Registry;
+use crate::retry::RetryKey;
+
+/// Messages between workers.
+pub enum WorkerMsg {
+    /// A datagram that arrived on a worker that does not own it.
+    Datagram { from: SocketAddr, data: Box<[u8]> },
+    /// Deliver a session offer to a connector connection on this worker.
+    Offer { conn: ConnKey, session: SessionId, owner: u8, msg: Message },
+    /// A session ended: tell this connection (if still here) and forget the session.
+    SessionEnded { conn: ConnKey, session: SessionId, reason: ErrorCode },
+    /// To a session's owner: end it (the connector side left or asked to close).
+    EndSession { session: SessionId, reason: ErrorCode },
+    /// To a session's owner: the connector side's validated address changed.
+    ConnectorMoved { session: SessionId, addr: SocketAddr },
+}
+
+/// A worker's inbox: a bounded queue plus an eventfd that wakes the worker's poll.
+pub struct Mailbox {
+    tx: Sender<WorkerMsg>,
+    wake: OwnedFd,
+}
+
+pub const MAILBOX_CAPACITY: usize = 8192;
+
+impl Mailbox {
+    pub fn new() -> std::io::Result<(Mailbox, Receiver<WorkerMsg>)> {
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (tx, rx) = crossbeam_channel::bounded(MAILBOX_CAPACITY);
+        // SAFETY: fd is a fresh descriptor we own.
+        Ok((Mailbox { tx, wake: unsafe { OwnedFd::from_raw_fd(fd) } }, rx))
+    }
+
+    /// Queues a message and wakes the worker. False when the queue is full (the caller counts it).
+    pub fn send(&self, msg: WorkerMsg) -> bool {
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                self.wake();
+                true
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a valid u64 to our eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
+}
+
+pub struct Shared {
+    pub workers: u8,
+    pub config: Config,
+    /// The bound relay address (the port is resolved when the config asked for port 0).
+    pub local_addr: SocketAddr,
+    pub policy: RwLock<Arc<Policy>>,
+    registry: Mutex<Registry>,
+    pub retry_key: RetryKey,
+    pub metrics: Metrics,
+    pub mailboxes: Vec<Mailbox>,
+    /// Set on SIGTERM: stop accepting, close connections, exit.
+    pub draining: AtomicBool,
+    /// Bumped after a successful SIGHUP reload; workers rebuild their TLS config.
+    pub generation: AtomicU64,
+    pub running_workers: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(config: Config, local_addr: SocketAddr, policy: Policy, workers: u8, mailboxes: Vec<Mailbox>) -> Self {
+        Shared {
+            workers,
+            local_addr,
+            policy: RwLock::new(Arc::new(policy)),
+            registry: Mutex::new(Registry::default()),
+            retry_key: RetryKey::random(),
+            metrics: Metrics::new(workers as usize),
+            mailboxes,
+            draining: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            running_workers: AtomicUsize::new(0),
+            config,
+        }
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        // A poisoned lock only means a panic elsewhere; the Arc inside is still whole.
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn healthy(&self) -> bool {
+        !self.is_draining() && self.running_workers.load(Ordering::Relaxed) == self.workers as usize
+    }
+
+    pub fn wake_all(&self) {
+        self.mailboxes.iter().for_each(Mailbox::wake);
+    }
+}
