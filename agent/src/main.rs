@@ -1,1 +1,130 @@
-fn main(){}
+//! `ztna-agent`: the user's side of ZTNA. `check` is the operator's first diagnostic:
+//! connect, authenticate, and show what the relay sees and allows.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ztna_client::ControlClient;
+use ztna_client::target::RelayArgs;
+use ztna_proto::Message;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "ztna-agent", version, about = "ZTNA agent: reach private services through the relay")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connect to the relay, authenticate, and print handshake time, RTT, the observed
+    /// address (QAD) and the services the policy allows. Exits non-zero on any failure.
+    Check {
+        #[command(flatten)]
+        relay: RelayArgs,
+        /// Also ask for a session to this service and show which connector would serve it.
+        #[arg(long)]
+        service: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ZTNA_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ztna-agent: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Check { relay, service, json } => match rt.block_on(check(&relay, service.as_deref(), json)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ztna-agent check: FAILED: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn check(args: &RelayArgs, service: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let (addr, server_name) = args.resolve().await?;
+    let tls = args.tls("agent", "alice");
+    let software = concat!("ztna-agent/", env!("CARGO_PKG_VERSION"));
+    let mut client = ControlClient::connect(addr, server_name.as_deref(), &tls, software, args.timeout()).await?;
+    // One Ping round trip gives the RTT estimator a sample past the handshake.
+    let nonce: u64 = rand_nonce();
+    client.send(&Message::Ping { nonce })?;
+    loop {
+        if let Message::Pong { nonce: n } = client.next_message(args.timeout()).await?
+            && n == nonce
+        {
+            break;
+        }
+    }
+    let info = client.info.clone().ok_or_else(|| anyhow::anyhow!("no relay info"))?;
+    let rtt = client.rtt().unwrap_or_default();
+    let mut session = None;
+    if let Some(svc) = service {
+        client.send(&Message::Connect { request_id: 1, service: svc.to_owned() })?;
+        session = Some(loop {
+            match client.next_message(args.timeout()).await? {
+                Message::SessionOffer { session, peer_identity, .. } => {
+                    client.send(&Message::CloseSession { session })?;
+                    break Ok((session.to_string(), peer_identity));
+                }
+                Message::Error { code, message, .. } => break Err(format!("{message} ({code})")),
+                _ => continue,
+            }
+        });
+    }
+    client.idle(Duration::from_millis(20)).await?;
+    let local = client.local_addr();
+    client.close().await;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    if json {
+        let session_json = match &session {
+            None => "null".to_string(),
+            Some(Ok((id, peer))) => format!("{{\"id\":\"{id}\",\"connector\":\"{peer}\"}}"),
+            Some(Err(e)) => format!("{{\"error\":{e:?}}}"),
+        };
+        println!(
+            "{{\"relay\":\"{addr}\",\"relay_identity\":\"{}\",\"identity\":\"{}\",\"role\":\"{}\",\"handshake_ms\":{:.3},\"rtt_ms\":{:.3},\"observed\":\"{}\",\"local\":\"{}\",\"services\":{:?},\"session\":{session_json}}}",
+            info.relay_identity, info.identity, info.role.name(), ms(info.handshake_time), ms(rtt), info.observed,
+            local, info.services,
+        );
+    } else {
+        println!("relay       {addr} ({})", info.relay_identity);
+        println!("identity    {} ({})", info.identity, info.role.name());
+        println!("handshake   {:.2} ms", ms(info.handshake_time));
+        println!("rtt         {:.2} ms", ms(rtt));
+        println!("local       {local}");
+        println!("observed    {} (QUIC address discovery)", info.observed);
+        println!("services    {}", if info.services.is_empty() { "(none)".to_string() } else { info.services.join(", ") });
+        match &session {
+            Some(Ok((id, peer))) => println!("session     {id} served by {peer}"),
+            Some(Err(e)) => println!("session     refused: {e}"),
+            None => {}
+        }
+    }
+    if let Some(Err(e)) = session {
+        anyhow::bail!("session refused: {e}");
+    }
+    Ok(())
+}
+
+fn rand_nonce() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+}

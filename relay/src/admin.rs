@@ -10,6 +10,7 @@ use tiny_http::{Header, Response, Server};
 
 use crate::shared::Shared;
 
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 pub struct Admin {
@@ -42,8 +43,19 @@ fn serve(server: &Server, shared: &Shared) {
         let path = req.url().split('?').next().unwrap_or("");
         let response = match (req.method(), path) {
             (tiny_http::Method::Get, "/metrics") => {
-                let header = Header::from_bytes("Content-Type", METRICS_CONTENT_TYPE).ok();
-                let mut r = Response::from_string(shared.metrics.encode());
+                // Content negotiation: OpenMetrics for scrapers that ask for it, else the
+                // classic Prometheus text format.
+                let wants_openmetrics = req
+                    .headers()
+                    .iter()
+                    .any(|h| h.field.equiv("Accept") && h.value.as_str().contains("application/openmetrics-text"));
+                let (body, ctype) = if wants_openmetrics {
+                    (shared.metrics.encode(), METRICS_CONTENT_TYPE)
+                } else {
+                    (shared.metrics.encode_prometheus(), PROMETHEUS_CONTENT_TYPE)
+                };
+                let header = Header::from_bytes("Content-Type", ctype).ok();
+                let mut r = Response::from_string(body);
                 if let Some(h) = header {
                     r.add_header(h);
                 }

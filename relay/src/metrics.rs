@@ -7,7 +7,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use ztna_proto::ErrorCode;
 
@@ -176,11 +175,11 @@ impl Metrics {
         );
         registry.register("registered_connectors", "Connector registrations (connector, service) currently live", m.registered_connectors.clone());
         registry.register("config_reloads", "Certificate and policy reloads (SIGHUP), by result", m.reloads.clone());
-        registry.register(
-            "build",
-            "Relay build information",
-            Info::new(vec![("version".to_string(), env!("CARGO_PKG_VERSION").to_string())]),
-        );
+        // A gauge fixed at 1 rather than an OpenMetrics `info`, which Prometheus' text
+        // parser (and promtool) do not accept.
+        let build = Family::<Vec<(String, String)>, Gauge>::default();
+        build.get_or_create(&vec![("version".to_string(), env!("CARGO_PKG_VERSION").to_string())]).set(1);
+        registry.register("build_info", "Relay build information", build);
         // Pre-create every label value so dashboards see zeros, not gaps.
         for w in 0..workers {
             let worker = w.to_string();
@@ -250,6 +249,12 @@ impl Metrics {
         self.qad_reports.get_or_create(&FamilyLabel { family: family.into() }).inc();
     }
 
+    /// Prometheus text format 0.0.4, what `promtool check metrics` and older scrapers read.
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode())
+    }
+
+    /// OpenMetrics 1.0 text.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
@@ -280,5 +285,56 @@ impl WorkerMetrics {
 
     pub fn dropped(&self, reason: DropReason) -> u64 {
         self.dropped[reason as usize].get()
+    }
+}
+
+/// Converts OpenMetrics text to the Prometheus 0.0.4 text format: counter families are
+/// named by their `_total` sample name in HELP/TYPE, and `# UNIT` / `# EOF` go away.
+pub fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(text.len() + 64 * counters.len());
+    for line in text.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reasons_index_their_counters() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        let m = Metrics::new(1);
+        let w = m.worker(0);
+        w.drop(DropReason::unbound_source);
+        assert_eq!(w.dropped(DropReason::unbound_source), 1);
+        assert!(m.encode_prometheus().contains("ztna_relay_dropped_total{worker=\"0\",reason=\"unbound_source\"} 1"));
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_by_their_samples() {
+        let om = "# HELP a_x Things.\n# TYPE a_x counter\na_x_total 3\n# HELP d Dur.\n# TYPE d_seconds histogram\n# UNIT d_seconds seconds\n# EOF\n";
+        let p = openmetrics_to_prometheus(om);
+        assert_eq!(p, "# HELP a_x_total Things.\n# TYPE a_x_total counter\na_x_total 3\n# HELP d Dur.\n# TYPE d_seconds histogram\n");
     }
 }

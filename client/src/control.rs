@@ -1,0 +1,338 @@
+//! The control connection to the relay, over one UDP socket that also carries relay frames
+//! (so the address QAD reports is the mapping the data path uses).
+//!
+//! The connection is driven inline: every call that waits (`next_message`, `next_frame`)
+//! moves datagrams, timers and keep-alives until what it waits for arrives. Relay frames
+//! that arrive meanwhile are queued for `next_frame`, control messages for `next_message`.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::net::UdpSocket;
+use ztna_proto::control::{MessageReader, Role};
+use ztna_proto::frame;
+use ztna_proto::identity::{Identity, Kind};
+use ztna_proto::{CONTROL_VERSION, ErrorCode, Message};
+
+use crate::tls::ClientTls;
+
+pub const CONTROL_STREAM: u64 = 0;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keep-alive well inside the idle timeout, so NAT mappings and the connection stay up.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+const MAX_DATAGRAM: usize = 2048;
+const MAX_QUEUED_FRAMES: usize = 4096;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("relay {0} did not answer within {1:?} (is it running, and is UDP to it allowed?)")]
+    Timeout(SocketAddr, Duration),
+    #[error("TLS handshake with the relay failed: {0}")]
+    Handshake(String),
+    #[error("the relay closed the connection: {reason} (code {code:#x})")]
+    ClosedByRelay { code: u64, reason: String },
+    #[error("the relay's certificate is not a relay identity: {0}")]
+    NotARelay(String),
+    #[error("the relay refused: {message} ({code})")]
+    Refused { code: ErrorCode, message: String },
+    #[error("unexpected message from the relay: {0:?}")]
+    Unexpected(Box<Message>),
+    #[error("connection closed")]
+    Closed,
+    #[error("{0}")]
+    Setup(#[from] anyhow::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("QUIC: {0}")]
+    Quic(#[from] quiche::Error),
+}
+
+/// What the relay said about us when we connected.
+#[derive(Debug, Clone)]
+pub struct RelayInfo {
+    pub relay_identity: Identity,
+    pub identity: String,
+    pub role: Role,
+    /// Services the policy lets us reach (agent) or serve (connector).
+    pub services: Vec<String>,
+    /// Our address as the relay sees it (QAD).
+    pub observed: SocketAddr,
+    pub handshake_time: Duration,
+}
+
+/// The source address the kernel would use towards `dest` (a connected UDP socket sends
+/// nothing), so the client's socket has a concrete local address to compare with QAD.
+pub fn source_ip_for(dest: SocketAddr) -> std::io::Result<std::net::IpAddr> {
+    let any: SocketAddr = if dest.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let probe = std::net::UdpSocket::bind(any)?;
+    probe.connect(dest)?;
+    Ok(probe.local_addr()?.ip())
+}
+
+pub struct ControlClient {
+    socket: UdpSocket,
+    conn: quiche::Connection,
+    relay: SocketAddr,
+    local: SocketAddr,
+    reader: MessageReader,
+    outbox: Vec<u8>,
+    messages: VecDeque<Message>,
+    frames: VecDeque<(Vec<u8>, SocketAddr)>,
+    last_send: Instant,
+    pub info: Option<RelayInfo>,
+    /// Latest QAD report.
+    pub observed: Option<SocketAddr>,
+    pub frames_dropped: u64,
+}
+
+impl ControlClient {
+    /// Connects, authenticates both ways, sends Hello and waits for Welcome and the first
+    /// QAD report. `server_name` enables hostname verification when the relay is named.
+    pub async fn connect(
+        relay: SocketAddr,
+        server_name: Option<&str>,
+        tls: &ClientTls,
+        software: &str,
+        timeout: Duration,
+    ) -> Result<ControlClient, ClientError> {
+        let socket = UdpSocket::bind(SocketAddr::new(source_ip_for(relay)?, 0)).await?;
+        Self::connect_on(socket, relay, server_name, tls, software, timeout).await
+    }
+
+    /// Like [`connect`](Self::connect), over a socket the caller bound.
+    pub async fn connect_on(
+        socket: UdpSocket,
+        relay: SocketAddr,
+        server_name: Option<&str>,
+        tls: &ClientTls,
+        software: &str,
+        timeout: Duration,
+    ) -> Result<ControlClient, ClientError> {
+        let started = Instant::now();
+        let mut config = tls.control_config(IDLE_TIMEOUT.as_millis() as u64)?;
+        let local = socket.local_addr()?;
+        let scid: [u8; 16] = rand::random();
+        let conn = quiche::connect(server_name, &quiche::ConnectionId::from_ref(&scid), local, relay, &mut config)?;
+        let mut client = ControlClient {
+            socket,
+            conn,
+            relay,
+            local,
+            reader: MessageReader::new(),
+            outbox: Vec::new(),
+            messages: VecDeque::new(),
+            frames: VecDeque::new(),
+            last_send: Instant::now(),
+            info: None,
+            observed: None,
+            frames_dropped: 0,
+        };
+        let deadline = started + timeout;
+        client.drive_until(deadline, |c| c.conn.is_established()).await?;
+        let handshake_time = started.elapsed();
+        let relay_identity = client
+            .conn
+            .peer_cert()
+            .map(Identity::from_certificate_der)
+            .transpose()
+            .map_err(|e| ClientError::NotARelay(e.to_string()))?
+            .ok_or_else(|| ClientError::NotARelay("no certificate".into()))?;
+        if relay_identity.kind != Kind::Relay {
+            return Err(ClientError::NotARelay(relay_identity.to_string()));
+        }
+        client.send(&Message::Hello { version: CONTROL_VERSION, software: software.to_owned() })?;
+        let welcome = client.next_message_until(deadline).await?;
+        let (identity, role, services) = match welcome {
+            Message::Welcome { identity, role, services, .. } => (identity, role, services),
+            Message::Error { code, message, .. } => return Err(ClientError::Refused { code, message }),
+            other => return Err(ClientError::Unexpected(Box::new(other))),
+        };
+        // The first QAD report follows Welcome.
+        client.drive_until(deadline, |c| c.observed.is_some()).await?;
+        let observed = client.observed.unwrap_or(local);
+        client.info = Some(RelayInfo { relay_identity, identity, role, services, observed, handshake_time });
+        Ok(client)
+    }
+
+    pub fn relay(&self) -> SocketAddr {
+        self.relay
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Smoothed RTT of the control connection's path.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.conn.path_stats().next().map(|p| p.rtt)
+    }
+
+    pub fn send(&mut self, msg: &Message) -> Result<(), ClientError> {
+        msg.encode(&mut self.outbox).map_err(|e| ClientError::Setup(anyhow::anyhow!("{e}")))?;
+        self.flush_outbox();
+        Ok(())
+    }
+
+    /// Sends raw bytes on the control stream (tests use this to send malformed messages).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.outbox.extend_from_slice(bytes);
+        self.flush_outbox();
+    }
+
+    /// Sends one datagram (a relay frame) to the relay from the control socket.
+    pub async fn send_frame(&mut self, datagram: &[u8]) -> Result<(), ClientError> {
+        self.socket.send_to(datagram, self.relay).await?;
+        Ok(())
+    }
+
+    /// Sends one datagram to any address from the control socket (direct paths, probes).
+    pub async fn send_datagram_to(&mut self, datagram: &[u8], to: SocketAddr) -> Result<(), ClientError> {
+        self.socket.send_to(datagram, to).await?;
+        Ok(())
+    }
+
+    /// The next control message, waiting up to `timeout`.
+    pub async fn next_message(&mut self, timeout: Duration) -> Result<Message, ClientError> {
+        self.next_message_until(Instant::now() + timeout).await
+    }
+
+    async fn next_message_until(&mut self, deadline: Instant) -> Result<Message, ClientError> {
+        self.drive_until(deadline, |c| !c.messages.is_empty()).await?;
+        self.messages.pop_front().ok_or(ClientError::Closed)
+    }
+
+    /// The next relay frame received on the control socket, with its source.
+    pub async fn next_frame(&mut self, timeout: Duration) -> Result<(Vec<u8>, SocketAddr), ClientError> {
+        self.drive_until(Instant::now() + timeout, |c| !c.frames.is_empty()).await?;
+        self.frames.pop_front().ok_or(ClientError::Closed)
+    }
+
+    /// Keeps the connection serviced for `d` (answers, acks, keep-alives).
+    pub async fn idle(&mut self, d: Duration) -> Result<(), ClientError> {
+        match self.drive_until(Instant::now() + d, |_| false).await {
+            Err(ClientError::Timeout(..)) => Ok(()),
+            other => other,
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.conn.close(true, 0, b"bye");
+        let _ = self.flush_quic().await;
+    }
+
+    fn flush_outbox(&mut self) {
+        while !self.outbox.is_empty() {
+            match self.conn.stream_send(CONTROL_STREAM, &self.outbox, false) {
+                Ok(n) if n > 0 => {
+                    self.outbox.drain(..n);
+                }
+                _ => break,
+            }
+        }
+    }
+
+    async fn flush_quic(&mut self) -> Result<(), ClientError> {
+        let mut out = [0u8; MAX_DATAGRAM];
+        loop {
+            match self.conn.send(&mut out) {
+                Ok((n, info)) => {
+                    self.socket.send_to(&out[..n], info.to).await?;
+                    self.last_send = Instant::now();
+                }
+                Err(quiche::Error::Done) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn read_stream(&mut self) {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, _fin)) = self.conn.stream_recv(CONTROL_STREAM, &mut buf) {
+            self.reader.push(&buf[..n]);
+        }
+        while let Some(Ok(Ok(msg))) = self.reader.next_message() {
+            if let Message::ObservedAddress { addr, .. } = msg {
+                self.observed = Some(addr);
+                if let Some(info) = &mut self.info {
+                    info.observed = addr;
+                }
+            }
+            self.messages.push_back(msg);
+        }
+    }
+
+    fn closed_error(&self) -> ClientError {
+        if let Some(e) = self.conn.peer_error() {
+            let reason = String::from_utf8_lossy(&e.reason).into_owned();
+            if !e.is_app && (0x100..0x200).contains(&e.error_code) {
+                return ClientError::Handshake(format!("the relay sent TLS alert {} ({reason})", e.error_code - 0x100));
+            }
+            return ClientError::ClosedByRelay { code: e.error_code, reason };
+        }
+        if let Some(e) = self.conn.local_error()
+            && !e.is_app
+            && (0x100..0x200).contains(&e.error_code)
+        {
+            return ClientError::Handshake(format!(
+                "we rejected the relay's certificate (TLS alert {})",
+                e.error_code - 0x100
+            ));
+        }
+        if self.conn.is_timed_out() {
+            return ClientError::Timeout(self.relay, IDLE_TIMEOUT);
+        }
+        ClientError::Closed
+    }
+
+    /// Moves datagrams and timers until `done` holds, the deadline passes, or the
+    /// connection closes.
+    async fn drive_until(&mut self, deadline: Instant, done: impl Fn(&Self) -> bool) -> Result<(), ClientError> {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        loop {
+            self.flush_outbox();
+            self.flush_quic().await?;
+            if done(self) {
+                return Ok(());
+            }
+            if self.conn.is_closed() {
+                return Err(self.closed_error());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Timeout(self.relay, deadline.saturating_duration_since(now)));
+            }
+            if self.conn.is_established() && now.duration_since(self.last_send) >= KEEPALIVE {
+                self.conn.send_ack_eliciting()?;
+                continue;
+            }
+            let mut wait = deadline - now;
+            if let Some(t) = self.conn.timeout() {
+                wait = wait.min(t);
+            }
+            if self.conn.is_established() {
+                wait = wait.min(KEEPALIVE.saturating_sub(now.duration_since(self.last_send)));
+            }
+            match tokio::time::timeout(wait, self.socket.recv_from(&mut buf)).await {
+                Err(_) => self.conn.on_timeout(),
+                Ok(Err(e)) => return Err(e.into()),
+                Ok(Ok((n, from))) => {
+                    let from = ztna_proto::addr::canonical(from);
+                    if frame::is_relay_frame(&buf[..n]) {
+                        if self.frames.len() < MAX_QUEUED_FRAMES {
+                            self.frames.push_back((buf[..n].to_vec(), from));
+                        } else {
+                            self.frames_dropped += 1;
+                        }
+                    } else {
+                        let info = quiche::RecvInfo { from, to: self.local };
+                        // A bad packet is quiche's to ignore; the connection carries on.
+                        let _ = self.conn.recv(&mut buf[..n], info);
+                        self.read_stream();
+                    }
+                }
+            }
+        }
+    }
+}
