@@ -164,6 +164,12 @@ impl ControlClient {
         self.local
     }
 
+    /// The relay worker that owns this connection: byte 0 of the relay-chosen connection
+    /// id we address (the id layout's worker byte).
+    pub fn relay_worker(&self) -> u8 {
+        self.conn.destination_id().as_ref().first().copied().unwrap_or(0)
+    }
+
     /// Smoothed RTT of the control connection's path.
     pub fn rtt(&self) -> Option<Duration> {
         self.conn.path_stats().next().map(|p| p.rtt)
@@ -172,6 +178,7 @@ impl ControlClient {
     pub fn send(&mut self, msg: &Message) -> Result<(), ClientError> {
         msg.encode(&mut self.outbox).map_err(|e| ClientError::Setup(anyhow::anyhow!("{e}")))?;
         self.flush_outbox();
+        self.push_now();
         Ok(())
     }
 
@@ -179,6 +186,7 @@ impl ControlClient {
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.outbox.extend_from_slice(bytes);
         self.flush_outbox();
+        self.push_now();
     }
 
     /// Sends one datagram (a relay frame) to the relay from the control socket.
@@ -219,7 +227,20 @@ impl ControlClient {
 
     pub async fn close(mut self) {
         let _ = self.conn.close(true, 0, b"bye");
-        let _ = self.flush_quic().await;
+        self.push_now();
+    }
+
+    /// Puts queued stream data on the wire right away, without waiting for the next drive,
+    /// so a message sent just before the caller turns to another connection still leaves.
+    /// A datagram the socket will not take now is left to QUIC's loss recovery.
+    fn push_now(&mut self) {
+        let mut out = [0u8; MAX_DATAGRAM];
+        while let Ok((n, info)) = self.conn.send(&mut out) {
+            if self.socket.try_send_to(&out[..n], info.to).is_err() {
+                break;
+            }
+            self.last_send = Instant::now();
+        }
     }
 
     fn flush_outbox(&mut self) {
@@ -290,6 +311,7 @@ impl ControlClient {
     /// connection closes.
     async fn drive_until(&mut self, deadline: Instant, done: impl Fn(&Self) -> bool) -> Result<(), ClientError> {
         let mut buf = [0u8; MAX_DATAGRAM];
+        let started = Instant::now();
         loop {
             self.flush_outbox();
             self.flush_quic().await?;
@@ -301,7 +323,7 @@ impl ControlClient {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(ClientError::Timeout(self.relay, deadline.saturating_duration_since(now)));
+                return Err(ClientError::Timeout(self.relay, now.saturating_duration_since(started)));
             }
             if self.conn.is_established() && now.duration_since(self.last_send) >= KEEPALIVE {
                 self.conn.send_ack_eliciting()?;

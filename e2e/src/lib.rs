@@ -1,1 +1,261 @@
+//! Harness for end-to-end tests: a temporary PKI, the real `ztna-relay` process on loopback
+//! ports, its metrics, and the real `ztna-agent`/`ztna-connector` binaries.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`; the project's test
+//! script does this).
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Path of a workspace binary, next to the test executable's directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("ztna-e2e-{tag}-{}-{}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A development PKI made by `ztna-relay pki init`, with a policy of the test's choosing.
+pub struct Pki {
+    pub dir: TempDir,
+}
+
+pub const DEFAULT_POLICY: &str = r#"
+[services.web]
+agents = ["ztna://agent/alice"]
+connectors = ["ztna://connector/web-1", "ztna://connector/web-2"]
+[services.db]
+agents = ["ztna://agent/bob"]
+connectors = ["ztna://connector/db-1"]
+"#;
+
+impl Pki {
+    pub fn new(tag: &str) -> Pki {
+        let dir = TempDir::new(tag);
+        let out = Command::new(bin("ztna-relay"))
+            .args(["pki", "init", "--dir"])
+            .arg(&dir.0)
+            .args(["--agent", "alice", "--agent", "bob", "--agent", "mallory"])
+            .args(["--connector", "web-1", "--connector", "web-2", "--connector", "db-1"])
+            .output()
+            .expect("run ztna-relay pki init");
+        assert!(out.status.success(), "pki init failed: {}", String::from_utf8_lossy(&out.stderr));
+        let pki = Pki { dir };
+        pki.set_policy(DEFAULT_POLICY);
+        pki
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir.0
+    }
+
+    pub fn set_policy(&self, text: &str) {
+        std::fs::write(self.path().join("policy.toml"), text).expect("write policy");
+    }
+
+    pub fn tls(&self, kind: &str, name: &str) -> ztna_client::ClientTls {
+        ztna_client::ClientTls::from_pki_dir(self.path(), kind, name)
+    }
+}
+
+/// A free port on loopback (bound and released; the relay binds it right after).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("free udp port")
+}
+
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("free tcp port")
+}
+
+/// A running relay process, killed on drop.
+pub struct Relay {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Relay {
+    /// Starts the relay dual-stack on a free port with `workers` workers and extra flags.
+    pub fn start(pki: &Pki, workers: usize, extra: &[&str]) -> Relay {
+        let port = free_udp_port();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let log = pki.path().join(format!("relay-{port}.log"));
+        let log_file = std::fs::File::create(&log).expect("relay log");
+        let d = pki.path();
+        let child = Command::new(bin("ztna-relay"))
+            .arg("--listen")
+            .arg(format!("[::]:{port}"))
+            .arg("--admin")
+            .arg(admin.to_string())
+            .arg("--workers")
+            .arg(workers.to_string())
+            .arg("--cert")
+            .arg(d.join("relay.pem"))
+            .arg("--key")
+            .arg(d.join("relay.key"))
+            .arg("--ca")
+            .arg(d.join("ca.pem"))
+            .arg("--policy")
+            .arg(d.join("policy.toml"))
+            .arg("--no-pin")
+            .args(extra)
+            .env("ZTNA_LOG", std::env::var("ZTNA_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn relay");
+        let mut relay = Relay { child: Some(child), port, admin, log };
+        relay.wait_healthy(Duration::from_secs(10)).unwrap_or_else(|e| panic!("relay did not start: {e}\n{}", relay.log_text()));
+        relay
+    }
+
+    pub fn addr_v4(&self) -> SocketAddr {
+        format!("127.0.0.1:{}", self.port).parse().unwrap()
+    }
+
+    pub fn addr_v6(&self) -> SocketAddr {
+        format!("[::1]:{}", self.port).parse().unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("relay exited with {status}");
+            }
+            if let Ok((200, _)) = http_get(self.admin, "/healthz") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("not healthy after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The Prometheus text of /metrics.
+    pub fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics").map(|(_, body)| body).unwrap_or_default()
+    }
+
+    /// Sum of every sample of `name` whose labels contain all of `labels` (`k="v"` pairs).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.metrics(), name, labels)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc_kill(self.pid() as i32, sig) };
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+pub const SIGHUP: i32 = 1;
+pub const SIGTERM: i32 = 15;
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- relay log ({}) ----\n{}", self.log.display(), self.log_text());
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            if metric != name {
+                return None;
+            }
+            labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// Minimal HTTP/1.1 GET for the admin endpoint.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("bad HTTP status line")?;
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Runs `ztna-agent check` against the relay with an identity from the PKI.
+pub fn agent_check(pki: &Pki, relay: SocketAddr, name: &str, extra: &[&str]) -> Output {
+    Command::new(bin("ztna-agent"))
+        .arg("check")
+        .arg("--relay")
+        .arg(relay.to_string())
+        .arg("--pki-dir")
+        .arg(pki.path())
+        .args(["--name", name, "--timeout", "3"])
+        .args(extra)
+        .output()
+        .expect("run ztna-agent")
+}

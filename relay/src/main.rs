@@ -62,6 +62,9 @@ struct RunArgs {
     /// New handshakes allowed per source IP per second.
     #[arg(long)]
     handshake_rate: Option<f64>,
+    /// Burst of new handshakes allowed per source IP.
+    #[arg(long)]
+    handshake_burst: Option<f64>,
     /// Session idle timeout in seconds.
     #[arg(long)]
     session_idle_timeout: Option<u64>,
@@ -148,6 +151,7 @@ fn run(args: RunArgs) -> Result<()> {
     if let Some(v) = args.ca { cfg.ca = v }
     if let Some(v) = args.policy { cfg.policy = v }
     if let Some(v) = args.handshake_rate { cfg.limits.handshakes_per_ip_per_sec = v; cfg.limits.handshake_burst = cfg.limits.handshake_burst.max(v) }
+    if let Some(v) = args.handshake_burst { cfg.limits.handshake_burst = v }
     if let Some(v) = args.session_idle_timeout { cfg.limits.session_idle_timeout_secs = v }
     if args.no_retry { cfg.limits.retry = false }
     if args.no_pin { cfg.pin_workers = false }

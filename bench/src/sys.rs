@@ -1,0 +1,264 @@
+//! What the harness reads from the system: a process's RSS and CPU time from /proc, the
+//! machine's description, the date, and the relay's Prometheus metrics over plain HTTP.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+/// A `VmRSS`-style field of /proc/PID/status, in KiB.
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path} (is process {pid} running?)"))?;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
+            let kib = rest.trim().trim_end_matches("kB").trim();
+            return kib.parse().with_context(|| format!("parsing {field} in {path}: {line:?}"));
+        }
+    }
+    bail!("{path} has no {field} line")
+}
+
+/// Resident set size of `pid`, in bytes.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    Ok(status_kib(pid, "VmRSS")? * 1024)
+}
+
+/// Peak resident set size of `pid`, in bytes.
+pub fn rss_peak_bytes(pid: u32) -> Result<u64> {
+    Ok(status_kib(pid, "VmHWM")? * 1024)
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// User plus system CPU time of a process (all its threads), in seconds. `None` means self.
+pub fn cpu_seconds(pid: Option<u32>) -> Result<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
+    let rest = text.rsplit_once(')').map(|(_, r)| r).context("malformed /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    Ok((utime + stime) as f64 / clock_ticks_per_sec())
+}
+
+/// Raises this process's open-file limit to its hard limit (each client connection owns a socket).
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a stack value.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            let _ = libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+    }
+    lim.rlim_cur
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpu_model: String,
+    pub cores: usize,
+    pub kernel: String,
+    pub memory_gib: f64,
+}
+
+pub fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| "unknown".to_string());
+    let cores = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+    let cores = if cores > 0 { cores } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) };
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    Machine { cpu_model, cores, kernel: uname(), memory_gib: mem_kib / (1024.0 * 1024.0) }
+}
+
+/// `uname -srm`.
+fn uname() -> String {
+    // SAFETY: uname fills the zeroed struct; its fields are NUL-terminated C strings.
+    unsafe {
+        let mut u: libc::utsname = std::mem::zeroed();
+        if libc::uname(&mut u) != 0 {
+            return "unknown".to_string();
+        }
+        let s = |f: &[libc::c_char]| std::ffi::CStr::from_ptr(f.as_ptr()).to_string_lossy().into_owned();
+        format!("{} {} {}", s(&u.sysname), s(&u.release), s(&u.machine))
+    }
+}
+
+/// The current UTC time as `YYYY-MM-DD HH:MM UTC`.
+pub fn utc_now() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, rem % 3600 / 60)
+}
+
+/// One scrape of the relay's `/metrics` (Prometheus text format): series → value.
+#[derive(Debug, Clone, Default)]
+pub struct Scrape {
+    series: BTreeMap<String, f64>,
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let timeout = Duration::from_secs(2);
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body)?;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("malformed HTTP status line")?;
+    Ok((status, body.to_string()))
+}
+
+/// True when the admin endpoint answers `/healthz` with 200.
+pub fn healthy(admin: SocketAddr) -> bool {
+    matches!(http_get(admin, "/healthz"), Ok((200, _)))
+}
+
+pub fn scrape(admin: SocketAddr) -> Result<Scrape> {
+    let (status, body) = http_get(admin, "/metrics").with_context(|| format!("scraping http://{admin}/metrics"))?;
+    if status != 200 {
+        bail!("http://{admin}/metrics answered {status}");
+    }
+    let mut series = BTreeMap::new();
+    for line in body.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        if let Some((name, value)) = line.rsplit_once(' ')
+            && let Ok(v) = value.parse::<f64>()
+        {
+            series.insert(name.to_string(), v);
+        }
+    }
+    Ok(Scrape { series })
+}
+
+/// The value of `key="..."` in a series' label set.
+fn label<'a>(series: &'a str, key: &str) -> Option<&'a str> {
+    let labels = series.split_once('{')?.1;
+    let start = labels.find(&format!("{key}=\""))? + key.len() + 2;
+    let end = labels[start..].find('"')? + start;
+    Some(&labels[start..end])
+}
+
+impl Scrape {
+    /// Sum of every series of metric `name`, optionally only those with label `key="value"`.
+    pub fn sum(&self, name: &str, filter: Option<(&str, &str)>) -> f64 {
+        self.series
+            .iter()
+            .filter(|(s, _)| s.split('{').next() == Some(name))
+            .filter(|(s, _)| filter.is_none_or(|(k, v)| label(s, k) == Some(v)))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Metric `name` summed per value of label `key`.
+    pub fn by_label(&self, name: &str, key: &str) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        for (s, v) in &self.series {
+            if s.split('{').next() == Some(name)
+                && let Some(l) = label(s, key)
+            {
+                *out.entry(l.to_string()).or_insert(0.0) += v;
+            }
+        }
+        out
+    }
+}
+
+/// What the relay's own counters say happened between two scrapes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RelayCounters {
+    pub handshakes_ok: u64,
+    pub handshakes_failed: u64,
+    pub retries_sent: u64,
+    /// Datagrams dropped, by reason (only reasons that moved).
+    pub dropped: BTreeMap<String, u64>,
+    /// Open control connections at the second scrape.
+    pub control_connections: u64,
+}
+
+pub fn counters_between(before: &Scrape, after: &Scrape) -> RelayCounters {
+    let d = |name: &str, f: Option<(&str, &str)>| (after.sum(name, f) - before.sum(name, f)).max(0.0).round() as u64;
+    let b = before.by_label("ztna_relay_dropped_total", "reason");
+    let dropped = after
+        .by_label("ztna_relay_dropped_total", "reason")
+        .into_iter()
+        .map(|(k, v)| {
+            let delta = (v - b.get(&k).copied().unwrap_or(0.0)).max(0.0).round() as u64;
+            (k, delta)
+        })
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    RelayCounters {
+        handshakes_ok: d("ztna_relay_handshakes_total", Some(("reason", "ok"))),
+        handshakes_failed: d("ztna_relay_handshakes_total", Some(("reason", "failed"))),
+        retries_sent: d("ztna_relay_retries_sent_total", None),
+        dropped,
+        control_connections: after.sum("ztna_relay_control_connections", None).round() as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_labels_and_sums() {
+        let mut s = Scrape::default();
+        s.series.insert("ztna_relay_handshakes_total{reason=\"ok\"}".into(), 5.0);
+        s.series.insert("ztna_relay_handshakes_total{reason=\"failed\"}".into(), 1.0);
+        s.series.insert("ztna_relay_dropped_total{worker=\"0\",reason=\"rate_limited\"}".into(), 2.0);
+        s.series.insert("ztna_relay_dropped_total{worker=\"1\",reason=\"rate_limited\"}".into(), 3.0);
+        assert_eq!(s.sum("ztna_relay_handshakes_total", Some(("reason", "ok"))), 5.0);
+        assert_eq!(s.sum("ztna_relay_handshakes_total", None), 6.0);
+        assert_eq!(s.by_label("ztna_relay_dropped_total", "reason")["rate_limited"], 5.0);
+        let c = counters_between(&Scrape::default(), &s);
+        assert_eq!(c.handshakes_ok, 5);
+        assert_eq!(c.dropped["rate_limited"], 5);
+    }
+
+    #[test]
+    fn reads_own_process() {
+        assert!(rss_bytes(std::process::id()).unwrap() > 0);
+        assert!(cpu_seconds(None).unwrap() >= 0.0);
+        assert!(utc_now().ends_with("UTC"));
+    }
+}
