@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use ztna_proto::control::Role;
+use ztna_proto::control::{DecodeError, Role};
 use ztna_proto::frame::{self, Frame, FrameError};
 use ztna_proto::identity::{Identity, Kind};
 use ztna_proto::steering::{self, Owner};
@@ -637,7 +637,11 @@ impl Ctx {
                 Incoming::Message(msg) => self.on_message(conn, msg, now),
                 Incoming::Invalid(e) => {
                     self.shared.metrics.malformed_control.inc();
-                    self.refuse(conn, 0, ErrorCode::Malformed, format!("malformed control message: {e}"));
+                    let code = match e {
+                        DecodeError::UnknownType(_) => ErrorCode::UnsupportedMessage,
+                        _ => ErrorCode::Malformed,
+                    };
+                    self.refuse(conn, 0, code, format!("malformed control message: {e}"));
                 }
                 Incoming::Framing(e) => {
                     self.shared.metrics.malformed_control.inc();

@@ -1,0 +1,589 @@
+//! `ztna-bench standard`: the control-plane benchmark set, run side by side in one go against
+//! a relay this command starts itself on loopback, with the results written into
+//! docs/BENCHMARKS.md between markers.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::handshakes::{self, ClientArgs, HandshakeArgs, HandshakeReport};
+use crate::idle_rss::{self, IdleRssArgs, IdleRssReport};
+use crate::sys::{self, Machine};
+
+pub const BEGIN: &str = "<!-- bench:control-plane:begin -->";
+pub const END: &str = "<!-- bench:control-plane:end -->";
+const BUILD: &str = "cargo build --release -p ztna-relay -p ztna-bench";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct StandardArgs {
+    /// Markdown file whose control-plane section is rewritten (created if missing).
+    #[arg(long, default_value = "docs/BENCHMARKS.md")]
+    pub out: PathBuf,
+    /// Seconds per handshake-throughput run.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Concurrent connect/close loops in the throughput runs.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Seconds of the single-loop (unloaded) latency run after each throughput run; 0 skips it.
+    #[arg(long, default_value_t = 5.0)]
+    pub latency_duration: f64,
+    /// Idle control connections held for the RSS measurement.
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// The relay binary (default: `ztna-relay` next to this executable).
+    #[arg(long)]
+    pub relay_bin: Option<PathBuf>,
+    /// ZTNA_LOG level of the relay under test.
+    #[arg(long, default_value = "warn")]
+    pub relay_log: String,
+    /// Also write every result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayRun {
+    pub purpose: String,
+    pub retry: bool,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub pid: u32,
+    /// How the relay ended after SIGTERM.
+    pub exit: String,
+    pub stop_s: f64,
+    /// WARN/ERROR lines from its log (first few).
+    pub log_warnings: Vec<String>,
+    pub log_warning_count: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StandardReport {
+    pub date: String,
+    pub machine: Machine,
+    pub command: String,
+    pub relay_args: String,
+    pub throughput_retry: HandshakeReport,
+    pub throughput_no_retry: HandshakeReport,
+    pub latency_retry: Option<HandshakeReport>,
+    pub latency_no_retry: Option<HandshakeReport>,
+    pub idle_rss: IdleRssReport,
+    pub relay_runs: Vec<RelayRun>,
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<TempDir> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let p = std::env::temp_dir().join(format!("ztna-bench-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The relay child process: SIGTERM (then SIGKILL) when dropped, so it never outlives us.
+struct RelayGuard {
+    child: Option<Child>,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    log: PathBuf,
+    retry: bool,
+}
+
+fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, sig);
+    }
+}
+
+/// Waits for the child to exit, up to `limit`.
+fn wait_for(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl RelayGuard {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// SIGTERM, wait for the drain, SIGKILL if it hangs. Returns how it ended and how long it took.
+    fn stop(&mut self) -> (String, f64) {
+        let Some(mut child) = self.child.take() else { return ("not running".into(), 0.0) };
+        let t = Instant::now();
+        if let Ok(Some(st)) = child.try_wait() {
+            return (format!("had already exited ({st})"), 0.0);
+        }
+        signal(&child, libc::SIGTERM);
+        let how = match wait_for(&mut child, Duration::from_secs(15)) {
+            Some(st) => format!("{st} after SIGTERM"),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                "did not stop within 15 s of SIGTERM: killed".to_string()
+            }
+        };
+        (how, t.elapsed().as_secs_f64())
+    }
+
+    fn warnings(&self) -> (Vec<String>, usize) {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let w: Vec<String> =
+            text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).map(|l| l.trim().to_string()).collect();
+        let n = w.len();
+        (w.into_iter().take(5).collect(), n)
+    }
+}
+
+impl Drop for RelayGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGTERM);
+            if wait_for(&mut child, Duration::from_secs(3)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// A free loopback port (UDP and TCP are separate spaces; the caller binds soon after).
+fn free_port(udp: bool) -> Result<u16> {
+    let port = if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
+    };
+    Ok(port)
+}
+
+fn relay_bin(args: &StandardArgs) -> Result<PathBuf> {
+    if let Some(p) = &args.relay_bin {
+        if !p.is_file() {
+            bail!("relay binary {} does not exist", p.display());
+        }
+        return Ok(p.clone());
+    }
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let dir = exe.parent().context("this executable has no parent directory")?;
+    let p = dir.join("ztna-relay");
+    if !p.is_file() {
+        bail!(
+            "the relay binary {} is missing: build it next to ztna-bench with `{BUILD}` \
+             (or pass --relay-bin)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn relay_flags(pki: &Path, retry: bool) -> Vec<String> {
+    let p = |f: &str| pki.join(f).display().to_string();
+    let mut v: Vec<String> = vec![
+        "--workers".into(),
+        "1".into(),
+        "--no-pin".into(),
+        "--handshake-rate".into(),
+        "1000000".into(),
+        "--cert".into(),
+        p("relay.pem"),
+        "--key".into(),
+        p("relay.key"),
+        "--ca".into(),
+        p("ca.pem"),
+        "--policy".into(),
+        p("policy.toml"),
+    ];
+    if !retry {
+        v.push("--no-retry".into());
+    }
+    v
+}
+
+fn start_relay(bin: &Path, pki: &Path, tmp: &Path, retry: bool, log_level: &str, n: usize) -> Result<RelayGuard> {
+    let listen: SocketAddr = ([127, 0, 0, 1], free_port(true)?).into();
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port(false)?).into();
+    let log = tmp.join(format!("relay-{n}.log"));
+    let out = std::fs::File::create(&log)?;
+    let child = Command::new(bin)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--admin")
+        .arg(admin.to_string())
+        .args(relay_flags(pki, retry))
+        .env("ZTNA_LOG", log_level)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut guard = RelayGuard { child: Some(child), listen, admin, log, retry };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(c) = guard.child.as_mut()
+            && let Ok(Some(st)) = c.try_wait()
+        {
+            bail!("the relay exited at start ({st}); its log:\n{}", log_tail(&guard.log, 20));
+        }
+        if sys::healthy(admin) {
+            return Ok(guard);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the relay did not become healthy on http://{admin}/healthz within 10 s; its log:\n{}",
+                log_tail(&guard.log, 20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn finish(mut guard: RelayGuard, purpose: &str) -> RelayRun {
+    let pid = guard.pid();
+    let (exit, stop_s) = guard.stop();
+    let (log_warnings, log_warning_count) = guard.warnings();
+    println!("   relay (pid {pid}) stopped: {exit} in {stop_s:.2} s; {log_warning_count} WARN/ERROR log lines");
+    for w in &log_warnings {
+        println!("     {w}");
+    }
+    RelayRun {
+        purpose: purpose.to_string(),
+        retry: guard.retry,
+        listen: guard.listen,
+        admin: guard.admin,
+        pid,
+        exit,
+        stop_s,
+        log_warnings,
+        log_warning_count,
+    }
+}
+
+fn client_args() -> ClientArgs {
+    ClientArgs { kind: "agent".into(), name: "alice".into(), server_name: None }
+}
+
+fn hs_args(g: &RelayGuard, pki: &Path, duration: f64, concurrency: usize) -> HandshakeArgs {
+    HandshakeArgs {
+        relay: g.listen,
+        pki_dir: pki.to_path_buf(),
+        duration,
+        concurrency,
+        timeout: 5.0,
+        client: client_args(),
+        relay_pid: Some(g.pid()),
+        admin: Some(g.admin),
+        json: None,
+    }
+}
+
+pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
+    if !(args.duration > 0.0 && args.duration <= 600.0) || !(0.0..=600.0).contains(&args.latency_duration) {
+        bail!("--duration must be in (0, 600] and --latency-duration in [0, 600] seconds");
+    }
+    let bin = relay_bin(args)?;
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        bail!(
+            "{} does not exist: run from the workspace root or pass --out FILE",
+            dir.display()
+        );
+    }
+    sys::raise_nofile_limit();
+    let tmp = TempDir::new()?;
+    let pki = tmp.0.join("pki");
+    let st = Command::new(&bin)
+        .args(["pki", "init", "--dir"])
+        .arg(&pki)
+        .args(["--agent", "alice", "--connector", "web-1"])
+        .stdout(Stdio::null())
+        .status()
+        .with_context(|| format!("running {} pki init", bin.display()))?;
+    if !st.success() {
+        bail!("`{} pki init` failed ({st})", bin.display());
+    }
+
+    let mut runs = Vec::new();
+    let mut results = Vec::new();
+    for (n, retry) in [true, false].into_iter().enumerate() {
+        let tag = if retry { "Retry on" } else { "Retry off (--no-retry)" };
+        let g = start_relay(&bin, &pki, &tmp.0, retry, &args.relay_log, n)?;
+        println!("-- relay run {} ({tag}): pid {}, {} admin {}", n + 1, g.pid(), g.listen, g.admin);
+        let thr = handshakes::run(&hs_args(&g, &pki, args.duration, args.concurrency)).await?;
+        handshakes::print(&thr, &format!(" ({tag})"));
+        let lat = if args.latency_duration > 0.0 {
+            let l = handshakes::run(&hs_args(&g, &pki, args.latency_duration, 1)).await?;
+            handshakes::print(&l, &format!(" ({tag}, one loop)"));
+            Some(l)
+        } else {
+            None
+        };
+        runs.push(finish(g, &format!("handshakes, {tag}")));
+        results.push((thr, lat));
+    }
+
+    let g = start_relay(&bin, &pki, &tmp.0, true, &args.relay_log, 2)?;
+    println!("-- relay run 3 (idle connections): pid {}, {} admin {}", g.pid(), g.listen, g.admin);
+    let idle = idle_rss::run(&IdleRssArgs {
+        relay_pid: g.pid(),
+        relay: g.listen,
+        pki_dir: pki.clone(),
+        connections: args.connections,
+        open_concurrency: 32,
+        timeout: 5.0,
+        establish_timeout: 120.0,
+        warmup: 20,
+        client: client_args(),
+        admin: Some(g.admin),
+        json: None,
+    })
+    .await?;
+    idle_rss::print(&idle);
+    runs.push(finish(g, "idle-rss, Retry on"));
+
+    let mut it = results.into_iter();
+    let (Some((thr_r, lat_r)), Some((thr_n, lat_n))) = (it.next(), it.next()) else { unreachable!() };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let report = StandardReport {
+        date: sys::utc_now(),
+        machine: sys::machine(),
+        command: format!("{BUILD} && target/release/ztna-bench {}", argv.join(" ")),
+        relay_args: format!(
+            "ztna-relay --listen 127.0.0.1:PORT --admin 127.0.0.1:PORT {} (ZTNA_LOG={})",
+            relay_flags(Path::new("PKI"), true).join(" "),
+            args.relay_log
+        ),
+        throughput_retry: thr_r,
+        throughput_no_retry: thr_n,
+        latency_retry: lat_r,
+        latency_no_retry: lat_n,
+        idle_rss: idle,
+        relay_runs: runs,
+    };
+    write_markdown(&args.out, &render(&report, args))?;
+    println!("-- wrote the results section of {}", args.out.display());
+    Ok(report)
+}
+
+fn ms(l: &Option<handshakes::Latency>, f: impl Fn(&handshakes::Latency) -> f64) -> String {
+    l.as_ref().map(|l| format!("{:.2} ms", f(l))).unwrap_or_else(|| "-".into())
+}
+
+fn opt(v: Option<f64>, digits: usize, unit: &str) -> String {
+    v.map(|v| format!("{v:.digits$}{unit}")).unwrap_or_else(|| "-".into())
+}
+
+fn failures(r: &HandshakeReport) -> String {
+    if r.failures == 0 {
+        "0".into()
+    } else {
+        let kinds: Vec<String> = r.failure_kinds.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        format!("{} ({})", r.failures, kinds.join(", "))
+    }
+}
+
+fn drops(r: &HandshakeReport) -> String {
+    match &r.relay_counters {
+        Some(c) if !c.dropped.is_empty() => c.dropped.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", "),
+        Some(_) => "0".into(),
+        None => "-".into(),
+    }
+}
+
+pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
+    let m = &r.machine;
+    let mut s = String::new();
+    let _ = writeln!(s, "{BEGIN}");
+    let _ = writeln!(s, "<!-- Generated by `ztna-bench standard`; edits between these markers are overwritten. -->");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "### Control plane: handshakes and idle connections");
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "Measured {} on {} ({} cores, {:.0} GiB), {}. Relay: the release build, 1 worker, unpinned, \
+         on 127.0.0.1, per-IP handshake limit raised out of the way, logging at `{}`; \
+         load generator: `ztna-bench` (tokio, one UDP socket per connection, identity `agent/alice`) on the same machine.",
+        r.date, m.cpu_model, m.cores, m.memory_gib, m.kernel, args.relay_log
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "**Read with care:** the machine has {} cores and the load generator shares them with the relay. A client \
+         handshake costs about as much CPU as the relay's side (both do an mTLS handshake: certificate signature and \
+         verification), so the handshake rate below is what this machine sustains for relay *and* clients together, \
+         not the relay's ceiling. The figure that carries over to other hardware is the relay's CPU per handshake \
+         (relay utime+stime from /proc/PID/stat over the run, divided by the handshakes completed); 1 s of relay CPU \
+         per second would be one core saturated.",
+        m.cores
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(s, "#### Handshakes (connect with full handshake, Hello/Welcome, first QAD report; then close)");
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "| run | loops | s | handshakes/s (mean) | per-second min–max | connect p50 | connect p99 | QUIC handshake p50 | failures | relay drops | relay CPU | relay CPU / handshake | load-gen CPU |"
+    );
+    let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let rows: [(&str, Option<&HandshakeReport>); 4] = [
+        ("Retry on", Some(&r.throughput_retry)),
+        ("Retry off (`--no-retry`)", Some(&r.throughput_no_retry)),
+        ("Retry on, one loop", r.latency_retry.as_ref()),
+        ("Retry off, one loop", r.latency_no_retry.as_ref()),
+    ];
+    for (name, h) in rows {
+        let Some(h) = h else { continue };
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {:.0} | **{:.0}** | {}–{} | {} | {} | {} | {} | {} | {} s ({} cores) | **{}** | {:.2} s |",
+            h.concurrency,
+            h.duration_s,
+            h.rate_mean_per_s,
+            h.rate_min_per_s,
+            h.rate_max_per_s,
+            ms(&h.connect_latency, |l| l.p50_ms),
+            ms(&h.connect_latency, |l| l.p99_ms),
+            ms(&h.quic_handshake_latency, |l| l.p50_ms),
+            failures(h),
+            drops(h),
+            opt(h.relay_cpu_s, 2, ""),
+            opt(h.relay_cpu_cores, 2, ""),
+            opt(h.relay_cpu_us_per_handshake, 0, " µs"),
+            h.bench_cpu_s,
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "Connect latency is measured by the client from its first packet to the first QAD report (with Retry: one more \
+         round trip); with {} loops it is mostly queueing for CPU, the one-loop rows show it unloaded. \
+         The two Retry settings ran on two fresh relay processes for the same time.",
+        args.concurrency
+    );
+    let _ = writeln!(s);
+    let i = &r.idle_rss;
+    let _ = writeln!(s, "#### Idle control connections: relay memory");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "| connections held | relay reports open | RSS before | RSS after | RSS delta | per connection | relay CPU while idle |");
+    let _ = writeln!(s, "|--:|--:|--:|--:|--:|--:|--:|");
+    let mib = |b: f64| b / 1048576.0;
+    let _ = writeln!(
+        s,
+        "| {} of {} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | **{:.1} KiB** ({:.0} bytes) | {:.3} cores |",
+        i.connections_established,
+        i.connections_requested,
+        i.relay_reported_connections.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+        mib(i.rss_before_bytes as f64),
+        mib(i.rss_after_bytes as f64),
+        mib(i.rss_delta_bytes as f64),
+        i.rss_per_connection_kib,
+        i.rss_per_connection_bytes,
+        i.relay_idle_cpu_cores,
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "A fresh relay (Retry on); {} warm-up connections opened and closed before the baseline; VmRSS from \
+         /proc/PID/status once all connections were established and RSS had been steady for 2 s; the clients keep \
+         the connections alive (keep-alive every 10 s). {} connect failures, {} connections lost while held.",
+        20, i.connect_failures, i.lost_while_holding
+    );
+    let _ = writeln!(s);
+    let problems: Vec<String> = r
+        .relay_runs
+        .iter()
+        .filter(|x| x.log_warning_count > 0 || !x.exit.contains("exit status: 0"))
+        .map(|x| format!("{}: relay {}, {} WARN/ERROR log lines", x.purpose, x.exit, x.log_warning_count))
+        .collect();
+    if !problems.is_empty() {
+        let _ = writeln!(s, "Relay runs with something to note: {}.", problems.join("; "));
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s, "Relay command line: `{}`", r.relay_args);
+    let _ = writeln!(s);
+    let _ = writeln!(s, "Reproduce (from the workspace root; about a minute, loopback only, stops by itself):");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "```sh\n{}\n```", r.command.trim_end());
+    let _ = writeln!(s, "{END}");
+    s
+}
+
+const INTRO: &str = "# Benchmarks\n\n\
+Measured results for the relay, each section produced by a command in `bench/` (the `ztna-bench` load \
+generator) and rewritten in place between its markers when that command runs again. Every run is on this \
+machine's loopback and bounded in time; see `bench/README.md` for the commands and what each one measures.\n";
+
+/// Replaces the delimited section in `path` (or appends it; creates the file with an intro).
+pub fn write_markdown(path: &Path, section: &str) -> Result<()> {
+    let old = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => INTRO.to_string(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let new = splice(&old, section);
+    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
+}
+
+fn splice(old: &str, section: &str) -> String {
+    if let (Some(b), Some(e)) = (old.find(BEGIN), old.find(END))
+        && b < e
+    {
+        let mut tail = &old[e + END.len()..];
+        tail = tail.strip_prefix('\n').unwrap_or(tail);
+        return format!("{}{}{}", &old[..b], section, tail);
+    }
+    let mut out = old.to_string();
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push('\n');
+    out.push_str("## Control plane\n\n");
+    out.push_str(section);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splices_between_markers() {
+        let section = format!("{BEGIN}\nnew\n{END}\n");
+        let appended = splice("# Benchmarks\n\nintro\n", &section);
+        assert!(appended.starts_with("# Benchmarks\n\nintro\n\n## Control plane\n\n"));
+        assert!(appended.ends_with(&section));
+        let doc = format!("head\n{BEGIN}\nold\nstuff\n{END}\ntail\n");
+        assert_eq!(splice(&doc, &section), format!("head\n{BEGIN}\nnew\n{END}\ntail\n"));
+        // Idempotent.
+        let once = splice(&doc, &section);
+        assert_eq!(splice(&once, &section), once);
+    }
+}
