@@ -311,8 +311,8 @@ pub async fn run(args: &HandshakeArgs) -> Result<HandshakeReport> {
         rate_min_per_s: whole.iter().copied().min().unwrap_or(0),
         rate_max_per_s: whole.iter().copied().max().unwrap_or(0),
         per_second,
-        connect_latency: (connect.len() > 0).then(|| Latency::from_hist(&connect)),
-        quic_handshake_latency: (quic.len() > 0).then(|| Latency::from_hist(&quic)),
+        connect_latency: (!connect.is_empty()).then(|| Latency::from_hist(&connect)),
+        quic_handshake_latency: (!quic.is_empty()).then(|| Latency::from_hist(&quic)),
         relay_cpu_s,
         relay_cpu_us_per_handshake: relay_cpu_s
             .filter(|_| completed_total > 0)

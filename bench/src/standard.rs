@@ -306,7 +306,7 @@ fn hs_args(g: &RelayGuard, pki: &Path, duration: f64, concurrency: usize) -> Han
 }
 
 pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
-    if !(args.duration > 0.0 && args.duration <= 600.0) || !(0.0..=600.0).contains(&args.latency_duration) {
+    if !(args.duration > 0.0 && args.duration <= 600.0 && (0.0..=600.0).contains(&args.latency_duration)) {
         bail!("--duration must be in (0, 600] and --latency-duration in [0, 600] seconds");
     }
     let bin = relay_bin(args)?;

@@ -160,6 +160,12 @@ impl ControlClient {
         self.relay
     }
 
+    /// The shared socket (control QUIC and relay frames), for callers that move frames
+    /// themselves with non-blocking `try_send_to`/`try_recv_from`.
+    pub fn socket(&self) -> &UdpSocket {
+        &self.socket
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.local
     }

@@ -19,8 +19,9 @@ use crate::retry::RetryKey;
 
 /// Messages between workers.
 pub enum WorkerMsg {
-    /// A datagram that arrived on a worker that does not own it.
-    Datagram { from: SocketAddr, data: Box<[u8]> },
+    /// A datagram that arrived on a worker that does not own it, in a buffer from the
+    /// sending worker's hand-off pool (returned there after use).
+    Datagram { from: SocketAddr, buf: HandoffBuf, len: usize, pool: u8 },
     /// Deliver a session offer to a connector connection on this worker.
     Offer { conn: ConnKey, session: SessionId, owner: u8, msg: Message },
     /// A session ended: tell this connection (if still here) and forget the session.
@@ -29,6 +30,42 @@ pub enum WorkerMsg {
     EndSession { session: SessionId, reason: ErrorCode },
     /// To a session's owner: the connector side's validated address changed.
     ConnectorMoved { session: SessionId, addr: SocketAddr },
+}
+
+/// A buffer for one handed-off datagram.
+pub type HandoffBuf = Box<[u8; crate::io::MAX_DATAGRAM]>;
+/// Hand-off buffers per worker, allocated at start: a hand-off never allocates, and when
+/// every buffer is in flight the datagram is dropped and counted (`handoff_queue_full`).
+pub const HANDOFF_BUFFERS: usize = 1024;
+
+/// One worker's pool of hand-off buffers. Any worker may return a buffer to it.
+pub struct HandoffPool {
+    free_tx: Sender<HandoffBuf>,
+    free_rx: Receiver<HandoffBuf>,
+}
+
+impl HandoffPool {
+    pub fn new() -> Self {
+        let (free_tx, free_rx) = crossbeam_channel::bounded(HANDOFF_BUFFERS);
+        for _ in 0..HANDOFF_BUFFERS {
+            let _ = free_tx.try_send(Box::new([0u8; crate::io::MAX_DATAGRAM]));
+        }
+        HandoffPool { free_tx, free_rx }
+    }
+
+    pub fn take(&self) -> Option<HandoffBuf> {
+        self.free_rx.try_recv().ok()
+    }
+
+    pub fn give_back(&self, buf: HandoffBuf) {
+        let _ = self.free_tx.try_send(buf);
+    }
+}
+
+impl Default for HandoffPool {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// A worker's inbox: a bounded queue plus an eventfd that wakes the worker's poll.
@@ -83,6 +120,8 @@ pub struct Shared {
     pub retry_key: RetryKey,
     pub metrics: Metrics,
     pub mailboxes: Vec<Mailbox>,
+    /// Hand-off buffer pools, one per worker (indexed by the sending worker).
+    pub handoff_pools: Vec<HandoffPool>,
     /// Set on SIGTERM: stop accepting, close connections, exit.
     pub draining: AtomicBool,
     /// Bumped after a successful SIGHUP reload; workers rebuild their TLS config.
@@ -99,6 +138,7 @@ impl Shared {
             registry: Mutex::new(Registry::default()),
             retry_key: RetryKey::random(),
             metrics: Metrics::new(workers as usize),
+            handoff_pools: (0..workers).map(|_| HandoffPool::new()).collect(),
             mailboxes,
             draining: AtomicBool::new(false),
             generation: AtomicU64::new(0),

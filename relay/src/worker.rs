@@ -155,9 +155,16 @@ impl Worker {
         let is_frame = frame::is_relay_frame(buf);
         match steering::owner(buf, self.ctx.shared.workers) {
             Owner::Worker(w) if w != self.ctx.index => {
+                let shared = &self.ctx.shared;
+                let pool = &shared.handoff_pools[self.ctx.index as usize];
+                let Some(mut copy) = pool.take() else {
+                    return self.ctx.m.drop(DropReason::handoff_queue_full);
+                };
+                let len = buf.len().min(copy.len());
+                copy[..len].copy_from_slice(&buf[..len]);
                 self.ctx.m.handoffs.inc();
-                let msg = WorkerMsg::Datagram { from, data: buf.to_vec().into_boxed_slice() };
-                if !self.ctx.shared.mailboxes[w as usize].send(msg) {
+                let msg = WorkerMsg::Datagram { from, buf: copy, len, pool: self.ctx.index };
+                if !shared.mailboxes[w as usize].send(msg) {
                     self.ctx.m.drop(DropReason::handoff_queue_full);
                 }
             }
@@ -171,12 +178,14 @@ impl Worker {
         for _ in 0..INBOX_BUDGET {
             let Ok(msg) = self.ctx.inbox.try_recv() else { break };
             match msg {
-                WorkerMsg::Datagram { from, mut data } => {
-                    if frame::is_relay_frame(&data) {
-                        self.ctx.handle_frame(&mut data, from, now)
+                WorkerMsg::Datagram { from, mut buf, len, pool } => {
+                    let data = &mut buf[..len];
+                    if frame::is_relay_frame(data) {
+                        self.ctx.handle_frame(data, from, now)
                     } else {
-                        self.handle_quic(&mut data, from, now)
+                        self.handle_quic(data, from, now)
                     }
+                    self.ctx.shared.handoff_pools[pool as usize].give_back(buf);
                 }
                 WorkerMsg::Offer { conn, session, owner, msg } => match self.conns.get_mut(&conn) {
                     Some(c) if c.state == State::Ready => {
