@@ -144,3 +144,11 @@ fn metrics_endpoint_passes_promtool() {
 fn which(cmd: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| std::path::Path::new(d).join(cmd)).find(|p| p.exists())
 }
+
+#[test]
+fn shipped_prometheus_config_and_rules_are_valid() {
+    let promtool = which("promtool").expect("promtool not found: install Debian's `prometheus` package");
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/prometheus.yml");
+    let out = std::process::Command::new(promtool).args(["check", "config"]).arg(&config).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}

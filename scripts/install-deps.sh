@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what building and testing need on a fresh Debian 12 machine: cmake and clang
+# (quiche builds BoringSSL; bindgen needs libclang) and promtool (Debian's `prometheus`).
+# Idempotent: installs only what is missing.
+set -euo pipefail
+
+need=()
+command -v cmake >/dev/null || need+=(cmake)
+command -v clang >/dev/null || need+=(clang)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+command -v promtool >/dev/null || need+=(prometheus)
+command -v g++ >/dev/null || need+=(g++)
+command -v curl >/dev/null || need+=(curl)
+
+if ((${#need[@]})); then
+    echo "installing: ${need[*]}"
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "error: cargo not found; install the Rust toolchain (rustup, stable >= 1.95)" >&2
+    exit 1
+fi
