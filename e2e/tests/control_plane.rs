@@ -173,7 +173,7 @@ fn identity_not_in_policy_is_refused_with_the_reason() {
 #[tokio::test]
 async fn rate_limit_on_new_handshakes_per_source_ip() {
     let pki = Pki::new("ratelimit");
-    let relay = Relay::start(&pki, 1, &["--handshake-rate", "0.5", "--handshake-burst", "2"]);
+    let relay = Relay::start(&pki, 1, &["--handshake-rate", "0.1", "--handshake-burst", "2"]);
     let mut ok = 0;
     let mut limited = 0;
     for _ in 0..4 {
