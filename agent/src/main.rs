@@ -36,26 +36,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ZTNA_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ztna-agent: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
+    ztna_client::cli::init_logging("warn");
+    match Cli::parse().command {
+        Command::Check { relay, service, json } => {
+            ztna_client::cli::run("ztna-agent check: FAILED", async move { check(&relay, service.as_deref(), json).await })
         }
-    };
-    match cli.command {
-        Command::Check { relay, service, json } => match rt.block_on(check(&relay, service.as_deref(), json)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ztna-agent check: FAILED: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
     }
 }
 

@@ -151,18 +151,7 @@ pub fn new_hist() -> Histogram<u64> {
 }
 
 pub fn error_kind(e: &ClientError) -> &'static str {
-    match e {
-        ClientError::Timeout(..) => "timeout",
-        ClientError::Handshake(_) => "tls_handshake",
-        ClientError::ClosedByRelay { .. } => "closed_by_relay",
-        ClientError::NotARelay(_) => "not_a_relay",
-        ClientError::Refused { .. } => "refused",
-        ClientError::Unexpected(_) => "unexpected_message",
-        ClientError::Closed => "closed",
-        ClientError::Setup(_) => "setup",
-        ClientError::Io(_) => "io",
-        ClientError::Quic(_) => "quic",
-    }
+    e.kind()
 }
 
 /// One connect that must work before measuring: turns "relay not there" into a clear error.

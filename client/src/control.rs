@@ -41,12 +41,33 @@ pub enum ClientError {
     Unexpected(Box<Message>),
     #[error("connection closed")]
     Closed,
-    #[error("{0}")]
+    #[error(transparent)]
     Setup(#[from] anyhow::Error),
+    #[error("the relay sent an unreadable control stream: {0}")]
+    Protocol(String),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("QUIC: {0}")]
     Quic(#[from] quiche::Error),
+}
+
+impl ClientError {
+    /// A stable short name for counting failures by kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientError::Timeout(..) => "timeout",
+            ClientError::Handshake(_) => "tls_handshake",
+            ClientError::ClosedByRelay { .. } => "closed_by_relay",
+            ClientError::NotARelay(_) => "not_a_relay",
+            ClientError::Refused { .. } => "refused",
+            ClientError::Unexpected(_) => "unexpected_message",
+            ClientError::Closed => "closed",
+            ClientError::Setup(_) => "setup",
+            ClientError::Protocol(_) => "protocol",
+            ClientError::Io(_) => "io",
+            ClientError::Quic(_) => "quic",
+        }
+    }
 }
 
 /// What the relay said about us when we connected.
@@ -85,6 +106,7 @@ pub struct ControlClient {
     /// Latest QAD report.
     pub observed: Option<SocketAddr>,
     pub frames_dropped: u64,
+    protocol_error: Option<String>,
 }
 
 impl ControlClient {
@@ -128,6 +150,7 @@ impl ControlClient {
             info: None,
             observed: None,
             frames_dropped: 0,
+            protocol_error: None,
         };
         let deadline = started + timeout;
         client.drive_until(deadline, |c| c.conn.is_established()).await?;
@@ -279,7 +302,20 @@ impl ControlClient {
         while let Ok((n, _fin)) = self.conn.stream_recv(CONTROL_STREAM, &mut buf) {
             self.reader.push(&buf[..n]);
         }
-        while let Some(Ok(Ok(msg))) = self.reader.next_message() {
+        while let Some(item) = self.reader.next_message() {
+            let msg = match item {
+                Ok(Ok(msg)) => msg,
+                Ok(Err(e)) => {
+                    // A message this client cannot read (a newer relay?): skip it, keep going.
+                    tracing::warn!(error = %e, "ignoring an unreadable control message from the relay");
+                    continue;
+                }
+                Err(e) => {
+                    let _ = self.conn.close(true, 0x103, b"control stream framing lost");
+                    self.protocol_error = Some(e.to_string());
+                    return;
+                }
+            };
             if let Message::ObservedAddress { addr, .. } = msg {
                 self.observed = Some(addr);
                 if let Some(info) = &mut self.info {
@@ -291,6 +327,9 @@ impl ControlClient {
     }
 
     fn closed_error(&self) -> ClientError {
+        if let Some(e) = &self.protocol_error {
+            return ClientError::Protocol(e.clone());
+        }
         if let Some(e) = self.conn.peer_error() {
             let reason = String::from_utf8_lossy(&e.reason).into_owned();
             if !e.is_app && (0x100..0x200).contains(&e.error_code) {

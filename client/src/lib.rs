@@ -2,6 +2,7 @@
 //! connection to the relay (QAD, registration, sessions) and the relay frames that share its
 //! socket.
 
+pub mod cli;
 pub mod control;
 pub mod target;
 pub mod tls;

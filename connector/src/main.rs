@@ -47,25 +47,8 @@ fn parse_service(s: &str) -> Result<ServiceMap> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ZTNA_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ztna-connector: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ztna-connector: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    ztna_client::cli::init_logging("info");
+    ztna_client::cli::run("ztna-connector: error", run(Cli::parse()))
 }
 
 async fn run(cli: Cli) -> Result<()> {

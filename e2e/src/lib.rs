@@ -178,6 +178,19 @@ impl Relay {
         metric_sum(&self.metrics(), name, labels)
     }
 
+    /// Polls a metric until it reaches `want` (for counts updated when the relay finishes
+    /// closing a connection, a few round trips after the client is gone). Returns the last value.
+    pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = self.metric(name, labels);
+            if v >= want || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: sending a signal to our own child process.
         unsafe { libc_kill(self.pid() as i32, sig) };

@@ -135,8 +135,8 @@ fn certificate_from_another_ca_is_rejected() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("TLS"), "plain reason expected, got: {stderr}");
-    assert_eq!(relay.metric("ztna_relay_auth_failures_total", &[("reason", "tls_handshake")]), 1.0, "{}", relay.metrics());
-    assert_eq!(relay.metric("ztna_relay_handshakes_total", &[("reason", "failed")]), 1.0);
+    assert_eq!(relay.wait_metric("ztna_relay_auth_failures_total", &[("reason", "tls_handshake")], 1.0), 1.0);
+    assert_eq!(relay.wait_metric("ztna_relay_handshakes_total", &[("reason", "failed")], 1.0), 1.0);
 
     // And the client refuses a relay whose certificate its CA did not issue.
     let out = std::process::Command::new(ztna_e2e::bin("ztna-agent"))
@@ -157,7 +157,7 @@ fn identity_not_in_policy_is_refused_with_the_reason() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("ztna://agent/mallory is not allowed by the relay's policy"), "{stderr}");
-    assert_eq!(relay.metric("ztna_relay_auth_failures_total", &[("reason", "not_in_policy")]), 1.0);
+    assert_eq!(relay.wait_metric("ztna_relay_auth_failures_total", &[("reason", "not_in_policy")], 1.0), 1.0);
     // Connectors too.
     let out = std::process::Command::new(ztna_e2e::bin("ztna-connector"))
         .args(["--relay", &relay.addr_v4().to_string(), "--name", "web-1", "--service", "db=127.0.0.1:1", "--run-for", "1"])

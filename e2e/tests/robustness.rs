@@ -96,7 +96,9 @@ async fn malformed_control_messages_are_refused_and_counted() {
             break;
         }
     }
-    assert_eq!(relay.metric("ztna_relay_control_messages_malformed_total", &[]), 3.0);
+    // The unknown type is refused as unsupported, not counted as malformed.
+    assert_eq!(relay.metric("ztna_relay_control_messages_malformed_total", &[]), 2.0);
+    assert_eq!(relay.metric("ztna_relay_refusals_total", &[("reason", "unsupported_message")]), 2.0);
     // A length beyond the maximum loses framing: the relay closes with the reason.
     alice.send_raw(&[0xff, 0xff, 0x01]);
     let err = loop {
@@ -106,7 +108,7 @@ async fn malformed_control_messages_are_refused_and_counted() {
         }
     };
     assert!(matches!(&err, ClientError::ClosedByRelay { reason, .. } if reason.contains("exceeds the maximum")), "{err}");
-    assert_eq!(relay.metric("ztna_relay_control_messages_malformed_total", &[]), 4.0);
+    assert_eq!(relay.metric("ztna_relay_control_messages_malformed_total", &[]), 3.0);
     let out = agent_check(&pki, relay.addr_v4(), "alice", &[]);
     assert!(out.status.success());
 }

@@ -15,8 +15,8 @@ use std::fmt;
 pub const ID_LEN: usize = 8;
 /// Number of random bytes in an id.
 pub const ID_RANDOM_LEN: usize = ID_LEN - 1;
-/// The worker field is one byte.
-pub const MAX_WORKERS: usize = 256;
+/// The worker field is one byte; worker indexes run 0..=254.
+pub const MAX_WORKERS: usize = 255;
 
 /// Builds an id from its worker and its random part.
 pub fn make_id(worker: u8, random: [u8; ID_RANDOM_LEN]) -> [u8; ID_LEN] {

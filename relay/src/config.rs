@@ -108,8 +108,8 @@ impl Config {
         } else {
             self.workers
         };
-        if n > 255 {
-            bail!("at most 255 workers are supported (the id layout has one worker byte), got {n}");
+        if n > ztna_proto::id::MAX_WORKERS {
+            bail!("at most {} workers are supported (the id layout has one worker byte), got {n}", ztna_proto::id::MAX_WORKERS);
         }
         Ok(n)
     }

@@ -54,9 +54,9 @@ impl Relay {
         let mut mailboxes = Vec::with_capacity(n);
         let mut inboxes = Vec::with_capacity(n);
         for _ in 0..n {
-            let (mb, rx) = Mailbox::new().context("creating worker mailbox")?;
+            let (mb, inbox) = Mailbox::new().context("creating worker mailbox")?;
             mailboxes.push(mb);
-            inboxes.push(rx);
+            inboxes.push(inbox);
         }
         let admin_addr = config.admin;
         let pin = config.pin_workers;

@@ -14,7 +14,7 @@ use ztna_relay::pki::{self, CertificateAuthority, DevPkiSpec};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "ztna-relay", version, about = "ZTNA relay appliance: authenticates agents and connectors, reports their public address, forwards their end-to-end tunnels")]
+#[command(name = "ztna-relay", version, args_conflicts_with_subcommands = true, about = "ZTNA relay appliance: authenticates agents and connectors, reports their public address, forwards their end-to-end tunnels")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -107,6 +107,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("ZTNA_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -42,6 +42,8 @@ pub struct Session {
     pub agent: ConnRef,
     pub agent_addr: SocketAddr,
     pub connector: ConnRef,
+    /// The connector's identity, so a policy reload can re-check this side too.
+    pub connector_identity: std::sync::Arc<str>,
     pub connector_addr: SocketAddr,
     pub last_active: Instant,
     pub frames: u64,
@@ -134,6 +136,7 @@ mod tests {
             agent: r,
             agent_addr: agent.parse().unwrap(),
             connector: r,
+            connector_identity: "ztna://connector/web-1".into(),
             connector_addr: connector.parse().unwrap(),
             last_active: now,
             frames: 0,

@@ -23,7 +23,9 @@ pub enum WorkerMsg {
     /// sending worker's hand-off pool (returned there after use).
     Datagram { from: SocketAddr, buf: HandoffBuf, len: usize, pool: u8 },
     /// Deliver a session offer to a connector connection on this worker.
-    Offer { conn: ConnKey, session: SessionId, owner: u8, msg: Message },
+    /// `addr` is the connector address the owner bound; if the connector has moved since,
+    /// its worker tells the owner.
+    Offer { conn: ConnKey, session: SessionId, owner: u8, addr: SocketAddr, msg: Message },
     /// A session ended: tell this connection (if still here) and forget the session.
     SessionEnded { conn: ConnKey, session: SessionId, reason: ErrorCode },
     /// To a session's owner: end it (the connector side left or asked to close).
@@ -68,34 +70,48 @@ impl Default for HandoffPool {
     }
 }
 
-/// A worker's inbox: a bounded queue plus an eventfd that wakes the worker's poll.
+/// A worker's inbox. Handed-off datagrams wait in a bounded queue (a flood must not grow
+/// memory; past it they are dropped and counted); control messages between workers go in a
+/// queue of their own that never refuses, since losing one would strand a session. An
+/// eventfd wakes the worker's poll.
 pub struct Mailbox {
-    tx: Sender<WorkerMsg>,
+    datagrams: Sender<WorkerMsg>,
+    control: Sender<WorkerMsg>,
     wake: OwnedFd,
+}
+
+/// The receiving side of a [`Mailbox`], owned by its worker.
+pub struct Inbox {
+    pub control: Receiver<WorkerMsg>,
+    pub datagrams: Receiver<WorkerMsg>,
 }
 
 pub const MAILBOX_CAPACITY: usize = 8192;
 
 impl Mailbox {
-    pub fn new() -> std::io::Result<(Mailbox, Receiver<WorkerMsg>)> {
+    pub fn new() -> std::io::Result<(Mailbox, Inbox)> {
         // SAFETY: eventfd returns a new descriptor or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let (tx, rx) = crossbeam_channel::bounded(MAILBOX_CAPACITY);
+        let (datagrams, datagrams_rx) = crossbeam_channel::bounded(MAILBOX_CAPACITY);
+        let (control, control_rx) = crossbeam_channel::unbounded();
         // SAFETY: fd is a fresh descriptor we own.
-        Ok((Mailbox { tx, wake: unsafe { OwnedFd::from_raw_fd(fd) } }, rx))
+        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok((Mailbox { datagrams, control, wake }, Inbox { control: control_rx, datagrams: datagrams_rx }))
     }
 
-    /// Queues a message and wakes the worker. False when the queue is full (the caller counts it).
-    pub fn send(&self, msg: WorkerMsg) -> bool {
-        match self.tx.try_send(msg) {
+    /// Queues a message and wakes the worker. A datagram that does not fit is handed back
+    /// so the caller can count it and recycle its buffer.
+    pub fn send(&self, msg: WorkerMsg) -> Result<(), WorkerMsg> {
+        let queue = if matches!(msg, WorkerMsg::Datagram { .. }) { &self.datagrams } else { &self.control };
+        match queue.try_send(msg) {
             Ok(()) => {
                 self.wake();
-                true
+                Ok(())
             }
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+            Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => Err(m),
         }
     }
 

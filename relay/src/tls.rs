@@ -30,7 +30,9 @@ pub fn server_config(cfg: &Config) -> Result<quiche::Config> {
     c.set_initial_max_stream_data_uni(0);
     c.set_initial_max_streams_bidi(1);
     c.set_initial_max_streams_uni(0);
-    c.set_disable_active_migration(false);
-    c.set_active_connection_id_limit(2);
+    // Clients keep one socket for everything, so they never migrate on purpose; NAT
+    // rebinding (a new source address on the same connection id) is still followed and
+    // reported by QAD. The relay issues no spare connection ids.
+    c.set_disable_active_migration(true);
     Ok(c)
 }

@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
-use ztna_proto::control::{DecodeError, Role};
+use ztna_proto::control::{DecodeError, MAX_SERVICES, Role};
 use ztna_proto::frame::{self, Frame, FrameError};
 use ztna_proto::identity::{Identity, Kind};
 use ztna_proto::steering::{self, Owner};
@@ -29,7 +28,7 @@ use crate::policy::Decision;
 use crate::ratelimit::HandshakeLimiter;
 use crate::registry::ConnectorEntry;
 use crate::sessions::{ConnRef, Forward, IdHasher, Session, SessionTable};
-use crate::shared::{Shared, WorkerMsg};
+use crate::shared::{Inbox, Shared, WorkerMsg};
 use crate::tls;
 
 type ConnMap = HashMap<ConnKey, ControlConn, BuildHasherDefault<IdHasher>>;
@@ -56,7 +55,7 @@ struct Ctx {
     m: WorkerMetrics,
     socket: UdpSocket,
     tx: TxQueue,
-    inbox: Receiver<WorkerMsg>,
+    inbox: Inbox,
     quic_config: quiche::Config,
     generation: u64,
     sessions: SessionTable,
@@ -67,7 +66,7 @@ struct Ctx {
 }
 
 impl Worker {
-    pub fn new(index: u8, shared: Arc<Shared>, socket: UdpSocket, inbox: Receiver<WorkerMsg>) -> anyhow::Result<Self> {
+    pub fn new(index: u8, shared: Arc<Shared>, socket: UdpSocket, inbox: Inbox) -> anyhow::Result<Self> {
         let quic_config = tls::server_config(&shared.config)?;
         let limits = &shared.config.limits;
         let tx = TxQueue::new(&socket, shared.local_addr.is_ipv6());
@@ -164,7 +163,8 @@ impl Worker {
                 copy[..len].copy_from_slice(&buf[..len]);
                 self.ctx.m.handoffs.inc();
                 let msg = WorkerMsg::Datagram { from, buf: copy, len, pool: self.ctx.index };
-                if !shared.mailboxes[w as usize].send(msg) {
+                if let Err(WorkerMsg::Datagram { buf, .. }) = shared.mailboxes[w as usize].send(msg) {
+                    pool.give_back(buf);
                     self.ctx.m.drop(DropReason::handoff_queue_full);
                 }
             }
@@ -176,7 +176,13 @@ impl Worker {
 
     fn handle_inbox(&mut self, now: Instant) {
         for _ in 0..INBOX_BUDGET {
-            let Ok(msg) = self.ctx.inbox.try_recv() else { break };
+            let msg = match self.ctx.inbox.control.try_recv() {
+                Ok(m) => m,
+                Err(_) => match self.ctx.inbox.datagrams.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                },
+            };
             match msg {
                 WorkerMsg::Datagram { from, mut buf, len, pool } => {
                     let data = &mut buf[..len];
@@ -187,14 +193,19 @@ impl Worker {
                     }
                     self.ctx.shared.handoff_pools[pool as usize].give_back(buf);
                 }
-                WorkerMsg::Offer { conn, session, owner, msg } => match self.conns.get_mut(&conn) {
+                WorkerMsg::Offer { conn, session, owner, addr, msg } => match self.conns.get_mut(&conn) {
                     Some(c) if c.state == State::Ready => {
                         c.sessions.push(session);
                         c.send(&msg);
                         mark_dirty(&mut self.dirty, c);
+                        if c.peer != addr {
+                            // Moved while the offer was in flight: rebind the session.
+                            let _ = self.ctx.shared.mailboxes[owner as usize]
+                                .send(WorkerMsg::ConnectorMoved { session, addr: c.peer });
+                        }
                     }
                     _ => {
-                        self.ctx.shared.mailboxes[owner as usize]
+                        let _ = self.ctx.shared.mailboxes[owner as usize]
                             .send(WorkerMsg::EndSession { session, reason: ErrorCode::PeerGone });
                     }
                 },
@@ -247,15 +258,15 @@ impl Worker {
     /// A client Initial for no known connection: version check, Retry, limits, accept.
     fn accept(&mut self, hdr: &quiche::Header<'_>, buf: &mut [u8], from: SocketAddr, now: Instant) {
         let ctx = &mut self.ctx;
+        // RFC 9000 §14.1: client Initials are padded to 1200 bytes; answering smaller
+        // datagrams (Retry, version negotiation) could make the relay an amplifier.
+        if buf.len() < 1200 {
+            return ctx.m.drop(DropReason::short_initial);
+        }
         if !quiche::version_is_supported(hdr.version) {
             ctx.m.drop(DropReason::unsupported_version);
             ctx.tx.push_with(from, |out| quiche::negotiate_version(&hdr.scid, &hdr.dcid, out).unwrap_or(0));
             return;
-        }
-        // RFC 9000 §14.1: client Initials are padded to 1200 bytes; smaller ones could
-        // make the relay amplify.
-        if buf.len() < 1200 {
-            return ctx.m.drop(DropReason::short_initial);
         }
         if ctx.shared.is_draining() || self.conns.len() >= ctx.shared.config.limits.max_connections_per_worker {
             return ctx.m.drop(DropReason::connection_limit);
@@ -422,7 +433,7 @@ impl Worker {
                 let removed = ctx.shared.registry().remove_conn(ConnRef { worker: ctx.index, conn: key });
                 ctx.shared.metrics.registered_connectors.dec_by(removed as i64);
                 for s in conn.sessions {
-                    ctx.shared.mailboxes[s.worker() as usize]
+                    let _ = ctx.shared.mailboxes[s.worker() as usize]
                         .send(WorkerMsg::EndSession { session: s, reason: ErrorCode::PeerGone });
                 }
             }
@@ -449,7 +460,7 @@ impl Worker {
             mark_dirty(&mut self.dirty, c);
         }
         if ended_by != Some(Role::Connector) {
-            ctx.shared.mailboxes[s.connector.worker as usize].send(WorkerMsg::SessionEnded {
+            let _ = ctx.shared.mailboxes[s.connector.worker as usize].send(WorkerMsg::SessionEnded {
                 conn: s.connector.conn,
                 session: id,
                 reason,
@@ -510,7 +521,9 @@ impl Worker {
         for sid in sids {
             let Some(s) = self.ctx.sessions.get(&sid) else { continue };
             let agent = self.conns.get(&s.agent.conn).and_then(|c| c.identity.clone());
-            if agent.is_some_and(|a| policy.decide(&a, &s.service) != Decision::Allow) {
+            let connector = Identity::parse(&s.connector_identity).ok();
+            let allowed = |who: Option<Identity>| who.is_some_and(|w| policy.decide(&w, &s.service) == Decision::Allow);
+            if !allowed(agent) || !allowed(connector) {
                 self.end_session(sid, ErrorCode::NotAuthorized, None);
             }
         }
@@ -623,7 +636,7 @@ impl Ctx {
                 conn.state = State::AwaitHello;
             }
             Err((reason, text)) => {
-                metrics.handshake(false);
+                // handshakes{failed} is counted when the connection is removed.
                 metrics.auth_failure(reason);
                 tracing::info!(peer = %conn.peer, reason, "authentication failed: {text}");
                 conn.identity = None;
@@ -644,13 +657,13 @@ impl Ctx {
             }
             match item {
                 Incoming::Message(msg) => self.on_message(conn, msg, now),
+                Incoming::Invalid(DecodeError::UnknownType(kind)) => {
+                    // Newer clients may send types this relay does not know: refuse, don't count as malformed.
+                    self.refuse(conn, 0, ErrorCode::UnsupportedMessage, format!("unsupported control message type {kind:#04x}"));
+                }
                 Incoming::Invalid(e) => {
                     self.shared.metrics.malformed_control.inc();
-                    let code = match e {
-                        DecodeError::UnknownType(_) => ErrorCode::UnsupportedMessage,
-                        _ => ErrorCode::Malformed,
-                    };
-                    self.refuse(conn, 0, code, format!("malformed control message: {e}"));
+                    self.refuse(conn, 0, ErrorCode::Malformed, format!("malformed control message: {e}"));
                 }
                 Incoming::Framing(e) => {
                     self.shared.metrics.malformed_control.inc();
@@ -686,12 +699,12 @@ impl Ctx {
                     return;
                 }
                 let Some(role) = id.kind.role() else { return };
-                conn.send(&Message::Welcome {
-                    version: CONTROL_VERSION,
-                    role,
-                    identity: id.to_string(),
-                    services: policy.services_for(&id),
-                });
+                let mut services = policy.services_for(&id);
+                if services.len() > MAX_SERVICES {
+                    tracing::warn!(identity = %id, granted = services.len(), "Welcome lists only the first {MAX_SERVICES} services");
+                    services.truncate(MAX_SERVICES);
+                }
+                conn.send(&Message::Welcome { version: CONTROL_VERSION, role, identity: id.to_string(), services });
                 conn.state = State::Ready;
                 self.report_address(conn);
             }
@@ -711,14 +724,14 @@ impl Ctx {
                     if let Some(s) = self.sessions.remove(&session) {
                         self.m.sessions_active.dec();
                         self.shared.metrics.session_closed(reason);
-                        self.shared.mailboxes[s.connector.worker as usize].send(WorkerMsg::SessionEnded {
+                        let _ = self.shared.mailboxes[s.connector.worker as usize].send(WorkerMsg::SessionEnded {
                             conn: s.connector.conn,
                             session,
                             reason,
                         });
                     }
                 } else {
-                    self.shared.mailboxes[session.worker() as usize].send(WorkerMsg::EndSession { session, reason });
+                    let _ = self.shared.mailboxes[session.worker() as usize].send(WorkerMsg::EndSession { session, reason });
                 }
             }
             (State::Ready, Message::Ping { nonce }) => conn.send(&Message::Pong { nonce }),
@@ -739,6 +752,9 @@ impl Ctx {
         let me = ConnRef { worker: self.index, conn: conn.key };
         for service in services {
             match policy.decide(id, &service) {
+                Decision::Allow if !conn.registered.contains(&service) && conn.registered.len() >= MAX_SERVICES => {
+                    self.refuse(conn, 0, ErrorCode::ProtocolViolation, format!("at most {MAX_SERVICES} services per connector"))
+                }
                 Decision::Allow => {
                     if !conn.registered.contains(&service) {
                         let entry = ConnectorEntry { conn: me, identity: conn.identity_text.clone(), addr: conn.peer };
@@ -784,6 +800,20 @@ impl Ctx {
                 break candidate;
             }
         };
+        // The connector hears first: if its worker is gone, the agent gets a refusal rather
+        // than a session nobody serves.
+        let offer = Message::SessionOffer {
+            session,
+            request_id: 0,
+            service: service.clone(),
+            peer_role: Role::Agent,
+            peer_identity: id.to_string(),
+        };
+        let to_connector =
+            WorkerMsg::Offer { conn: connector.conn.conn, session, owner: self.index, addr: connector.addr, msg: offer };
+        if self.shared.mailboxes[connector.conn.worker as usize].send(to_connector).is_err() {
+            return self.refuse(conn, request_id, ErrorCode::Internal, "the connector's worker is not running".into());
+        }
         self.sessions.insert(
             session,
             Session {
@@ -791,6 +821,7 @@ impl Ctx {
                 agent: ConnRef { worker: self.index, conn: conn.key },
                 agent_addr: conn.peer,
                 connector: connector.conn,
+                connector_identity: connector.identity.clone(),
                 connector_addr: connector.addr,
                 last_active: now,
                 frames: 0,
@@ -803,26 +834,10 @@ impl Ctx {
         conn.send(&Message::SessionOffer {
             session,
             request_id,
-            service: service.clone(),
+            service,
             peer_role: Role::Connector,
             peer_identity: connector.identity.to_string(),
         });
-        let offer = Message::SessionOffer {
-            session,
-            request_id: 0,
-            service,
-            peer_role: Role::Agent,
-            peer_identity: id.to_string(),
-        };
-        let delivered = self.shared.mailboxes[connector.conn.worker as usize].send(WorkerMsg::Offer {
-            conn: connector.conn.conn,
-            session,
-            owner: self.index,
-            msg: offer,
-        });
-        if !delivered {
-            self.m.drop(DropReason::handoff_queue_full);
-        }
     }
 
     /// QAD: tell the client the address we see it at.
@@ -855,7 +870,7 @@ impl Ctx {
                 Some(Kind::Connector) => {
                     self.shared.registry().update_addr(ConnRef { worker: self.index, conn: conn.key }, peer);
                     for &session in &conn.sessions {
-                        self.shared.mailboxes[session.worker() as usize]
+                        let _ = self.shared.mailboxes[session.worker() as usize]
                             .send(WorkerMsg::ConnectorMoved { session, addr: peer });
                     }
                 }
