@@ -133,6 +133,8 @@ pub struct HandshakeReport {
     pub bench_cpu_s: f64,
     pub wall_s: f64,
     pub relay_counters: Option<RelayCounters>,
+    /// How the clients built their TLS trust store (see `--system-roots`).
+    pub client_trust_store: String,
 }
 
 struct LoopStats {
@@ -310,6 +312,7 @@ pub async fn run(args: &HandshakeArgs) -> Result<HandshakeReport> {
         bench_cpu_s,
         wall_s: wall,
         relay_counters,
+        client_trust_store: crate::client_trust_store().to_string(),
     };
     if report.completed_total == 0 {
         bail!(
@@ -357,6 +360,7 @@ pub fn print(r: &HandshakeReport, label: &str) {
         ("relay CPU", format!("{} s ({} cores)", opt(r.relay_cpu_s, 2), opt(r.relay_cpu_cores, 2))),
         ("relay CPU per handshake", format!("{} µs", opt(r.relay_cpu_us_per_handshake, 0))),
         ("load generator CPU", format!("{:.2} s over {:.2} s wall", r.bench_cpu_s, r.wall_s)),
+        ("client trust store", r.client_trust_store.clone()),
     ];
     let mut rows = rows;
     if let Some(c) = &r.relay_counters {

@@ -22,6 +22,32 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// Let the client side load the system CA bundle on every connect, as quiche does by
+    /// default (about 6 ms of CPU per connection, which starves the relay of CPU on small
+    /// machines). Without this flag the load generator sets SSL_CERT_FILE=/dev/null for
+    /// itself: clients then trust only the private CA they load explicitly.
+    #[arg(long, global = true)]
+    system_roots: bool,
+}
+
+/// The caller's SSL_CERT_FILE, before this process changed its own (children get it back).
+static ORIGINAL_SSL_CERT_FILE: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+
+/// Gives a child process the caller's SSL_CERT_FILE, not the load generator's.
+pub fn restore_ssl_cert_file(cmd: &mut std::process::Command) {
+    match ORIGINAL_SSL_CERT_FILE.get().cloned().flatten() {
+        Some(v) => cmd.env("SSL_CERT_FILE", v),
+        None => cmd.env_remove("SSL_CERT_FILE"),
+    };
+}
+
+/// How the load generator's clients build their trust store (for reports).
+pub fn client_trust_store() -> &'static str {
+    if std::env::var_os("SSL_CERT_FILE").is_some_and(|v| v == "/dev/null") {
+        "private CA only (SSL_CERT_FILE=/dev/null: the system CA bundle is not loaded per connect)"
+    } else {
+        "system CA bundle loaded per connect (quiche default) plus the private CA"
+    }
 }
 
 #[derive(Subcommand)]
@@ -70,6 +96,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let _ = ORIGINAL_SSL_CERT_FILE.set(std::env::var_os("SSL_CERT_FILE"));
+    if !cli.system_roots {
+        // SAFETY: still single-threaded here (no runtime, no threads spawned yet).
+        unsafe { std::env::set_var("SSL_CERT_FILE", "/dev/null") };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -68,6 +68,7 @@ pub struct StandardReport {
     pub machine: Machine,
     pub command: String,
     pub relay_args: String,
+    pub client_trust_store: String,
     pub throughput_retry: HandshakeReport,
     pub throughput_no_retry: HandshakeReport,
     pub latency_retry: Option<HandshakeReport>,
@@ -233,7 +234,9 @@ fn start_relay(bin: &Path, pki: &Path, tmp: &Path, retry: bool, log_level: &str,
     let admin: SocketAddr = ([127, 0, 0, 1], free_port(false)?).into();
     let log = tmp.join(format!("relay-{n}.log"));
     let out = std::fs::File::create(&log)?;
-    let child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    crate::restore_ssl_cert_file(&mut cmd);
+    let child = cmd
         .arg("--listen")
         .arg(listen.to_string())
         .arg("--admin")
@@ -321,7 +324,9 @@ pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
     sys::raise_nofile_limit();
     let tmp = TempDir::new()?;
     let pki = tmp.0.join("pki");
-    let st = Command::new(&bin)
+    let mut cmd = Command::new(&bin);
+    crate::restore_ssl_cert_file(&mut cmd);
+    let st = cmd
         .args(["pki", "init", "--dir"])
         .arg(&pki)
         .args(["--agent", "alice", "--connector", "web-1"])
@@ -382,6 +387,7 @@ pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
             relay_flags(Path::new("PKI"), true).join(" "),
             args.relay_log
         ),
+        client_trust_store: crate::client_trust_store().to_string(),
         throughput_retry: thr_r,
         throughput_no_retry: thr_n,
         latency_retry: lat_r,

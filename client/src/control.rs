@@ -92,21 +92,194 @@ pub fn source_ip_for(dest: SocketAddr) -> std::io::Result<std::net::IpAddr> {
     Ok(probe.local_addr()?.ip())
 }
 
-pub struct ControlClient {
-    socket: UdpSocket,
+/// The control connection's protocol state, without I/O: the quiche connection, the
+/// control stream's reassembly and outbox, received messages and the latest QAD report.
+/// [`ControlClient`] drives it inline; the tunnel engine drives it from its event loop.
+pub struct ControlCore {
     conn: quiche::Connection,
     relay: SocketAddr,
     local: SocketAddr,
     reader: MessageReader,
     outbox: Vec<u8>,
     messages: VecDeque<Message>,
-    frames: VecDeque<(Vec<u8>, SocketAddr)>,
     last_send: Instant,
-    pub info: Option<RelayInfo>,
     /// Latest QAD report.
     pub observed: Option<SocketAddr>,
-    pub frames_dropped: u64,
     protocol_error: Option<String>,
+}
+
+impl ControlCore {
+    fn new(conn: quiche::Connection, relay: SocketAddr, local: SocketAddr) -> Self {
+        ControlCore {
+            conn,
+            relay,
+            local,
+            reader: MessageReader::new(),
+            outbox: Vec::new(),
+            messages: VecDeque::new(),
+            last_send: Instant::now(),
+            observed: None,
+            protocol_error: None,
+        }
+    }
+
+    pub fn relay(&self) -> SocketAddr {
+        self.relay
+    }
+
+    pub fn is_established(&self) -> bool {
+        self.conn.is_established()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.conn.is_closed()
+    }
+
+    pub fn rtt(&self) -> Option<Duration> {
+        self.conn.path_stats().next().map(|p| p.rtt)
+    }
+
+    pub fn relay_worker(&self) -> u8 {
+        self.conn.destination_id().as_ref().first().copied().unwrap_or(0)
+    }
+
+    /// Queues a control message on the stream.
+    pub fn send(&mut self, msg: &Message) -> Result<(), ClientError> {
+        msg.encode(&mut self.outbox).map_err(|e| ClientError::Setup(anyhow::anyhow!("{e}")))?;
+        self.flush_outbox();
+        Ok(())
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.outbox.extend_from_slice(bytes);
+        self.flush_outbox();
+    }
+
+    pub fn pop_message(&mut self) -> Option<Message> {
+        self.messages.pop_front()
+    }
+
+    pub fn has_messages(&self) -> bool {
+        !self.messages.is_empty()
+    }
+
+    pub fn close(&mut self) {
+        let _ = self.conn.close(true, 0, b"bye");
+    }
+
+    /// The next datagram to send, if any.
+    pub fn poll_transmit(&mut self, out: &mut [u8]) -> Result<Option<(usize, SocketAddr)>, ClientError> {
+        self.flush_outbox();
+        match self.conn.send(out) {
+            Ok((n, info)) => {
+                self.last_send = Instant::now();
+                Ok(Some((n, info.to)))
+            }
+            Err(quiche::Error::Done) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A QUIC datagram from the relay.
+    pub fn on_datagram(&mut self, buf: &mut [u8], from: SocketAddr) {
+        let info = quiche::RecvInfo { from, to: self.local };
+        // A bad packet is quiche's to ignore; the connection carries on.
+        let _ = self.conn.recv(buf, info);
+        self.read_stream();
+    }
+
+    /// How long until [`on_timeout`](Self::on_timeout) has work: a QUIC timer or the keep-alive.
+    pub fn timeout(&self, now: Instant) -> Option<Duration> {
+        let keepalive = self
+            .conn
+            .is_established()
+            .then(|| KEEPALIVE.saturating_sub(now.saturating_duration_since(self.last_send)));
+        match (self.conn.timeout(), keepalive) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs due QUIC timers and sends a keep-alive when the line has been quiet.
+    pub fn on_timeout(&mut self, now: Instant) {
+        // quiche checks its own deadlines; calling early is harmless.
+        self.conn.on_timeout();
+        if self.conn.is_established() && now.saturating_duration_since(self.last_send) >= KEEPALIVE {
+            let _ = self.conn.send_ack_eliciting();
+        }
+    }
+
+    fn flush_outbox(&mut self) {
+        while !self.outbox.is_empty() {
+            match self.conn.stream_send(CONTROL_STREAM, &self.outbox, false) {
+                Ok(n) if n > 0 => {
+                    self.outbox.drain(..n);
+                }
+                _ => break,
+            }
+        }
+    }
+
+    fn read_stream(&mut self) {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, _fin)) = self.conn.stream_recv(CONTROL_STREAM, &mut buf) {
+            self.reader.push(&buf[..n]);
+        }
+        while let Some(item) = self.reader.next_message() {
+            let msg = match item {
+                Ok(Ok(msg)) => msg,
+                Ok(Err(e)) => {
+                    // A message this client cannot read (a newer relay?): skip it, keep going.
+                    tracing::warn!(error = %e, "ignoring an unreadable control message from the relay");
+                    continue;
+                }
+                Err(e) => {
+                    let _ = self.conn.close(true, 0x103, b"control stream framing lost");
+                    self.protocol_error = Some(e.to_string());
+                    return;
+                }
+            };
+            if let Message::ObservedAddress { addr, .. } = msg {
+                self.observed = Some(addr);
+            }
+            self.messages.push_back(msg);
+        }
+    }
+
+    pub fn closed_error(&self) -> ClientError {
+        if let Some(e) = &self.protocol_error {
+            return ClientError::Protocol(e.clone());
+        }
+        if let Some(e) = self.conn.peer_error() {
+            let reason = String::from_utf8_lossy(&e.reason).into_owned();
+            if !e.is_app && (0x100..0x200).contains(&e.error_code) {
+                return ClientError::Handshake(format!("the relay sent TLS alert {} ({reason})", e.error_code - 0x100));
+            }
+            return ClientError::ClosedByRelay { code: e.error_code, reason };
+        }
+        if let Some(e) = self.conn.local_error()
+            && !e.is_app
+            && (0x100..0x200).contains(&e.error_code)
+        {
+            return ClientError::Handshake(format!(
+                "we rejected the relay's certificate (TLS alert {})",
+                e.error_code - 0x100
+            ));
+        }
+        if self.conn.is_timed_out() {
+            return ClientError::Timeout(self.relay, IDLE_TIMEOUT);
+        }
+        ClientError::Closed
+    }
+
+}
+
+pub struct ControlClient {
+    socket: UdpSocket,
+    core: ControlCore,
+    frames: VecDeque<(Vec<u8>, SocketAddr)>,
+    pub info: Option<RelayInfo>,
+    pub frames_dropped: u64,
 }
 
 impl ControlClient {
@@ -137,25 +310,13 @@ impl ControlClient {
         let local = socket.local_addr()?;
         let scid: [u8; 16] = rand::random();
         let conn = quiche::connect(server_name, &quiche::ConnectionId::from_ref(&scid), local, relay, &mut config)?;
-        let mut client = ControlClient {
-            socket,
-            conn,
-            relay,
-            local,
-            reader: MessageReader::new(),
-            outbox: Vec::new(),
-            messages: VecDeque::new(),
-            frames: VecDeque::new(),
-            last_send: Instant::now(),
-            info: None,
-            observed: None,
-            frames_dropped: 0,
-            protocol_error: None,
-        };
+        let mut client =
+            ControlClient { socket, core: ControlCore::new(conn, relay, local), frames: VecDeque::new(), info: None, frames_dropped: 0 };
         let deadline = started + timeout;
-        client.drive_until(deadline, |c| c.conn.is_established()).await?;
+        client.drive_until(deadline, |c| c.core.is_established()).await?;
         let handshake_time = started.elapsed();
         let relay_identity = client
+            .core
             .conn
             .peer_cert()
             .map(Identity::from_certificate_der)
@@ -173,60 +334,63 @@ impl ControlClient {
             other => return Err(ClientError::Unexpected(Box::new(other))),
         };
         // The first QAD report follows Welcome.
-        client.drive_until(deadline, |c| c.observed.is_some()).await?;
-        let observed = client.observed.unwrap_or(local);
+        client.drive_until(deadline, |c| c.core.observed.is_some()).await?;
+        let observed = client.core.observed.unwrap_or(local);
         client.info = Some(RelayInfo { relay_identity, identity, role, services, observed, handshake_time });
         Ok(client)
     }
 
+    /// Hands the socket, the protocol state and any frames that arrived early to a caller
+    /// that runs its own event loop.
+    pub fn into_parts(self) -> (UdpSocket, ControlCore, VecDeque<(Vec<u8>, SocketAddr)>) {
+        (self.socket, self.core, self.frames)
+    }
+
     pub fn relay(&self) -> SocketAddr {
-        self.relay
+        self.core.relay
     }
 
     /// The shared socket (control QUIC and relay frames), for callers that move frames
-    /// themselves with non-blocking `try_send_to`/`try_recv_from`.
+    /// themselves.
     pub fn socket(&self) -> &UdpSocket {
         &self.socket
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.local
+        self.core.local
+    }
+
+    /// Latest QAD report.
+    pub fn observed(&self) -> Option<SocketAddr> {
+        self.core.observed
     }
 
     /// The relay worker that owns this connection: byte 0 of the relay-chosen connection
     /// id we address (the id layout's worker byte).
     pub fn relay_worker(&self) -> u8 {
-        self.conn.destination_id().as_ref().first().copied().unwrap_or(0)
+        self.core.relay_worker()
     }
 
     /// Smoothed RTT of the control connection's path.
     pub fn rtt(&self) -> Option<Duration> {
-        self.conn.path_stats().next().map(|p| p.rtt)
+        self.core.rtt()
     }
 
     pub fn send(&mut self, msg: &Message) -> Result<(), ClientError> {
-        msg.encode(&mut self.outbox).map_err(|e| ClientError::Setup(anyhow::anyhow!("{e}")))?;
-        self.flush_outbox();
+        self.core.send(msg)?;
         self.push_now();
         Ok(())
     }
 
     /// Sends raw bytes on the control stream (tests use this to send malformed messages).
     pub fn send_raw(&mut self, bytes: &[u8]) {
-        self.outbox.extend_from_slice(bytes);
-        self.flush_outbox();
+        self.core.send_raw(bytes);
         self.push_now();
     }
 
     /// Sends one datagram (a relay frame) to the relay from the control socket.
     pub async fn send_frame(&mut self, datagram: &[u8]) -> Result<(), ClientError> {
-        self.socket.send_to(datagram, self.relay).await?;
-        Ok(())
-    }
-
-    /// Sends one datagram to any address from the control socket (direct paths, probes).
-    pub async fn send_datagram_to(&mut self, datagram: &[u8], to: SocketAddr) -> Result<(), ClientError> {
-        self.socket.send_to(datagram, to).await?;
+        self.socket.send_to(datagram, self.core.relay).await?;
         Ok(())
     }
 
@@ -236,8 +400,8 @@ impl ControlClient {
     }
 
     async fn next_message_until(&mut self, deadline: Instant) -> Result<Message, ClientError> {
-        self.drive_until(deadline, |c| !c.messages.is_empty()).await?;
-        self.messages.pop_front().ok_or(ClientError::Closed)
+        self.drive_until(deadline, |c| c.core.has_messages()).await?;
+        self.core.pop_message().ok_or(ClientError::Closed)
     }
 
     /// The next relay frame received on the control socket, with its source.
@@ -255,101 +419,28 @@ impl ControlClient {
     }
 
     pub async fn close(mut self) {
-        let _ = self.conn.close(true, 0, b"bye");
+        self.core.close();
         self.push_now();
     }
 
-    /// Puts queued stream data on the wire right away, without waiting for the next drive,
-    /// so a message sent just before the caller turns to another connection still leaves.
-    /// A datagram the socket will not take now is left to QUIC's loss recovery.
+    /// Puts queued data on the wire right away, without waiting for the next drive, so a
+    /// message sent just before the caller turns to another connection still leaves. A
+    /// datagram the socket will not take now is left to QUIC's loss recovery.
     fn push_now(&mut self) {
         let mut out = [0u8; MAX_DATAGRAM];
-        while let Ok((n, info)) = self.conn.send(&mut out) {
-            if self.socket.try_send_to(&out[..n], info.to).is_err() {
+        while let Ok(Some((n, to))) = self.core.poll_transmit(&mut out) {
+            if self.socket.try_send_to(&out[..n], to).is_err() {
                 break;
-            }
-            self.last_send = Instant::now();
-        }
-    }
-
-    fn flush_outbox(&mut self) {
-        while !self.outbox.is_empty() {
-            match self.conn.stream_send(CONTROL_STREAM, &self.outbox, false) {
-                Ok(n) if n > 0 => {
-                    self.outbox.drain(..n);
-                }
-                _ => break,
             }
         }
     }
 
     async fn flush_quic(&mut self) -> Result<(), ClientError> {
         let mut out = [0u8; MAX_DATAGRAM];
-        loop {
-            match self.conn.send(&mut out) {
-                Ok((n, info)) => {
-                    self.socket.send_to(&out[..n], info.to).await?;
-                    self.last_send = Instant::now();
-                }
-                Err(quiche::Error::Done) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
+        while let Some((n, to)) = self.core.poll_transmit(&mut out)? {
+            self.socket.send_to(&out[..n], to).await?;
         }
-    }
-
-    fn read_stream(&mut self) {
-        let mut buf = [0u8; 4096];
-        while let Ok((n, _fin)) = self.conn.stream_recv(CONTROL_STREAM, &mut buf) {
-            self.reader.push(&buf[..n]);
-        }
-        while let Some(item) = self.reader.next_message() {
-            let msg = match item {
-                Ok(Ok(msg)) => msg,
-                Ok(Err(e)) => {
-                    // A message this client cannot read (a newer relay?): skip it, keep going.
-                    tracing::warn!(error = %e, "ignoring an unreadable control message from the relay");
-                    continue;
-                }
-                Err(e) => {
-                    let _ = self.conn.close(true, 0x103, b"control stream framing lost");
-                    self.protocol_error = Some(e.to_string());
-                    return;
-                }
-            };
-            if let Message::ObservedAddress { addr, .. } = msg {
-                self.observed = Some(addr);
-                if let Some(info) = &mut self.info {
-                    info.observed = addr;
-                }
-            }
-            self.messages.push_back(msg);
-        }
-    }
-
-    fn closed_error(&self) -> ClientError {
-        if let Some(e) = &self.protocol_error {
-            return ClientError::Protocol(e.clone());
-        }
-        if let Some(e) = self.conn.peer_error() {
-            let reason = String::from_utf8_lossy(&e.reason).into_owned();
-            if !e.is_app && (0x100..0x200).contains(&e.error_code) {
-                return ClientError::Handshake(format!("the relay sent TLS alert {} ({reason})", e.error_code - 0x100));
-            }
-            return ClientError::ClosedByRelay { code: e.error_code, reason };
-        }
-        if let Some(e) = self.conn.local_error()
-            && !e.is_app
-            && (0x100..0x200).contains(&e.error_code)
-        {
-            return ClientError::Handshake(format!(
-                "we rejected the relay's certificate (TLS alert {})",
-                e.error_code - 0x100
-            ));
-        }
-        if self.conn.is_timed_out() {
-            return ClientError::Timeout(self.relay, IDLE_TIMEOUT);
-        }
-        ClientError::Closed
+        Ok(())
     }
 
     /// Moves datagrams and timers until `done` holds, the deadline passes, or the
@@ -358,31 +449,20 @@ impl ControlClient {
         let mut buf = [0u8; MAX_DATAGRAM];
         let started = Instant::now();
         loop {
-            self.flush_outbox();
             self.flush_quic().await?;
             if done(self) {
                 return Ok(());
             }
-            if self.conn.is_closed() {
-                return Err(self.closed_error());
+            if self.core.is_closed() {
+                return Err(self.core.closed_error());
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(ClientError::Timeout(self.relay, now.saturating_duration_since(started)));
+                return Err(ClientError::Timeout(self.core.relay, now.saturating_duration_since(started)));
             }
-            if self.conn.is_established() && now.duration_since(self.last_send) >= KEEPALIVE {
-                self.conn.send_ack_eliciting()?;
-                continue;
-            }
-            let mut wait = deadline - now;
-            if let Some(t) = self.conn.timeout() {
-                wait = wait.min(t);
-            }
-            if self.conn.is_established() {
-                wait = wait.min(KEEPALIVE.saturating_sub(now.duration_since(self.last_send)));
-            }
+            let wait = self.core.timeout(now).map_or(deadline - now, |t| t.min(deadline - now));
             match tokio::time::timeout(wait, self.socket.recv_from(&mut buf)).await {
-                Err(_) => self.conn.on_timeout(),
+                Err(_) => self.core.on_timeout(Instant::now()),
                 Ok(Err(e)) => return Err(e.into()),
                 Ok(Ok((n, from))) => {
                     let from = ztna_proto::addr::canonical(from);
@@ -393,10 +473,7 @@ impl ControlClient {
                             self.frames_dropped += 1;
                         }
                     } else {
-                        let info = quiche::RecvInfo { from, to: self.local };
-                        // A bad packet is quiche's to ignore; the connection carries on.
-                        let _ = self.conn.recv(&mut buf[..n], info);
-                        self.read_stream();
+                        self.core.on_datagram(&mut buf[..n], from);
                     }
                 }
             }
