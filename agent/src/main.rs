@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+mod forward;
 use ztna_client::ControlClient;
 use ztna_client::target::RelayArgs;
 use ztna_proto::Message;
@@ -21,6 +23,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Forward local ports to services through the relay.
+    Run {
+        #[command(flatten)]
+        relay: RelayArgs,
+        /// TCP forward [bind:]port:service (bind defaults to 127.0.0.1); repeatable.
+        #[arg(short = 'L', long = "tcp")]
+        tcp: Vec<String>,
+        /// UDP forward [bind:]port:service; repeatable.
+        #[arg(short = 'U', long = "udp")]
+        udp: Vec<String>,
+        /// TOML file with `tcp = [...]`, `udp = [...]` and `metrics = "ADDR"` (merged with flags).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Serve Prometheus metrics on this address (off by default).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+    },
     /// Connect to the relay, authenticate, and print handshake time, RTT, the observed
     /// address (QAD) and the services the policy allows. Exits non-zero on any failure.
     Check {
@@ -36,12 +55,74 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    ztna_client::cli::init_logging("warn");
     match Cli::parse().command {
+        Command::Run { relay, tcp, udp, config, metrics } => {
+            ztna_client::cli::init_logging("info");
+            ztna_client::cli::run("ztna-agent", run(relay, tcp, udp, config, metrics))
+        }
         Command::Check { relay, service, json } => {
+            ztna_client::cli::init_logging("warn");
             ztna_client::cli::run("ztna-agent check: FAILED", async move { check(&relay, service.as_deref(), json).await })
         }
     }
+}
+
+/// The agent's config file; every key is optional and adds to the command line.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    #[serde(default)]
+    tcp: Vec<String>,
+    #[serde(default)]
+    udp: Vec<String>,
+    metrics: Option<std::net::SocketAddr>,
+}
+
+async fn run(
+    relay: RelayArgs,
+    mut tcp: Vec<String>,
+    mut udp: Vec<String>,
+    config: Option<std::path::PathBuf>,
+    mut metrics_addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(path) = config {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let file: AgentFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        tcp.extend(file.tcp);
+        udp.extend(file.udp);
+        metrics_addr = metrics_addr.or(file.metrics);
+    }
+    let tcp = tcp.iter().map(|s| forward::parse(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    let udp = udp.iter().map(|s| forward::parse(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    if tcp.is_empty() && udp.is_empty() {
+        anyhow::bail!("nothing to forward: give -L [bind:]port:service or -U [bind:]port:service");
+    }
+    let mut services: Vec<String> = tcp.iter().chain(&udp).map(|f| f.service.clone()).collect();
+    services.sort();
+    services.dedup();
+    let (addr, server_name) = relay.resolve().await?;
+    let metrics = std::sync::Arc::new(ztna_client::metrics::ClientMetrics::new("ztna_agent"));
+    let _endpoint = match metrics_addr {
+        Some(a) => Some(ztna_metrics_http::Endpoint::start(a, metrics.clone())?),
+        None => None,
+    };
+    let cfg = ztna_client::engine::EngineConfig {
+        relay: addr,
+        server_name,
+        tls: relay.tls("agent", "alice"),
+        software: concat!("ztna-agent/", env!("CARGO_PKG_VERSION")).into(),
+        connect_timeout: relay.timeout(),
+        role: ztna_client::engine::Role::Agent { services },
+    };
+    let engine = ztna_client::engine::Engine::new(cfg, metrics)?;
+    for f in tcp {
+        forward::serve_tcp(f, engine.handle()).await?;
+    }
+    for f in udp {
+        forward::serve_udp(f, engine.handle()).await?;
+    }
+    engine.run().await
 }
 
 async fn check(args: &RelayArgs, service: Option<&str>, json: bool) -> anyhow::Result<()> {

@@ -222,8 +222,8 @@ async fn connect_loop(
 }
 
 pub async fn run(args: &HandshakeArgs) -> Result<HandshakeReport> {
-    if !(args.duration > 0.0 && args.duration <= 3600.0) {
-        bail!("--duration must be in (0, 3600] seconds");
+    if !(0.5..=3600.0).contains(&args.duration) {
+        bail!("--duration must be in [0.5, 3600] seconds");
     }
     if args.concurrency == 0 || args.concurrency > 10_000 {
         bail!("--concurrency must be in 1..=10000");

@@ -437,8 +437,9 @@ pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
         s,
         "Measured {} on {} ({} cores, {:.0} GiB), {}. Relay: the release build, 1 worker, unpinned, \
          on 127.0.0.1, per-IP handshake limit raised out of the way, logging at `{}`; \
-         load generator: `ztna-bench` (tokio, one UDP socket per connection, identity `agent/alice`) on the same machine.",
-        r.date, m.cpu_model, m.cores, m.memory_gib, m.kernel, args.relay_log
+         load generator: `ztna-bench` (tokio, one UDP socket per connection, identity `agent/alice`) on the same machine; \
+         client trust store: {}.",
+        r.date, m.cpu_model, m.cores, m.memory_gib, m.kernel, args.relay_log, r.client_trust_store
     );
     let _ = writeln!(s);
     let _ = writeln!(
@@ -491,8 +492,15 @@ pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
         s,
         "Connect latency is measured by the client from its first packet to the first QAD report (with Retry: one more \
          round trip); with {} loops it is mostly queueing for CPU, the one-loop rows show it unloaded. \
-         The two Retry settings ran on two fresh relay processes for the same time.",
-        args.concurrency
+         The two Retry settings ran on two fresh relay processes for the same time. With Retry on the relay sent \
+         {} Retry packets per completed handshake (its own counters).",
+        args.concurrency,
+        r.throughput_retry
+            .relay_counters
+            .as_ref()
+            .filter(|c| c.handshakes_ok > 0)
+            .map(|c| format!("{:.2}", c.retries_sent as f64 / c.handshakes_ok as f64))
+            .unwrap_or_else(|| "-".into())
     );
     let _ = writeln!(s);
     let i = &r.idle_rss;
@@ -533,7 +541,7 @@ pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
         let _ = writeln!(s, "Relay runs with something to note: {}.", problems.join("; "));
         let _ = writeln!(s);
     }
-    let _ = writeln!(s, "Relay command line: `{}`", r.relay_args);
+    let _ = writeln!(s, "Relay command line: `{}`, plus `--no-retry` for the Retry-off run.", r.relay_args);
     let _ = writeln!(s);
     let _ = writeln!(s, "Reproduce (from the workspace root; about a minute, loopback only, stops by itself):");
     let _ = writeln!(s);

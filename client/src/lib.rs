@@ -2,10 +2,16 @@
 //! connection to the relay (QAD, registration, sessions) and the relay frames that share its
 //! socket.
 
+pub mod backoff;
 pub mod cli;
 pub mod control;
+pub mod engine;
+pub mod flows;
+pub mod metrics;
+pub mod path;
 pub mod target;
 pub mod tls;
+pub mod tunnel;
 
 pub use control::{ClientError, ControlClient, RelayInfo};
 pub use tls::ClientTls;

@@ -1,15 +1,18 @@
 //! `ztna-connector`: the service side of ZTNA. It keeps a control connection to the relay,
-//! registers the services it serves, and accepts the sessions the relay offers.
-//! (The end-to-end tunnel to the backends builds on these sessions.)
+//! registers the services it serves, accepts the end-to-end tunnels of the sessions the relay
+//! offers, and connects each tunnelled flow to the service's backend.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use ztna_client::ControlClient;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ztna_client::engine::{Backend, Engine, EngineConfig, Role};
+use ztna_client::metrics::ClientMetrics;
 use ztna_client::target::RelayArgs;
-use ztna_proto::Message;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -25,13 +28,16 @@ struct Cli {
     /// Exit after this many seconds (for scripted checks); default: run until stopped.
     #[arg(long)]
     run_for: Option<f64>,
+    /// Serve Prometheus metrics on this address (off by default).
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// One `--service` mapping.
 #[derive(Debug, Clone)]
 struct ServiceMap {
     name: String,
-    backend: String,
+    backend: Backend,
 }
 
 fn parse_service(s: &str) -> Result<ServiceMap> {
@@ -39,11 +45,15 @@ fn parse_service(s: &str) -> Result<ServiceMap> {
     if !ztna_proto::control::valid_service_name(name) {
         bail!("--service {s:?}: invalid service name (1-63 of a-z 0-9 . _ -)");
     }
-    let addr = backend.strip_prefix("udp:").unwrap_or(backend);
+    let (udp, addr) = match backend.strip_prefix("udp:") {
+        Some(a) => (true, a),
+        None => (false, backend.strip_prefix("tcp:").unwrap_or(backend)),
+    };
     if addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
         bail!("--service {s:?}: backend must be HOST:PORT");
     }
-    Ok(ServiceMap { name: name.to_owned(), backend: backend.to_owned() })
+    let backend = if udp { Backend::Udp(addr.to_owned()) } else { Backend::Tcp(addr.to_owned()) };
+    Ok(ServiceMap { name: name.to_owned(), backend })
 }
 
 fn main() -> ExitCode {
@@ -54,48 +64,26 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     let services = cli.services.iter().map(|s| parse_service(s)).collect::<Result<Vec<_>>>()?;
     let (addr, server_name) = cli.relay.resolve().await?;
-    let tls = cli.relay.tls("connector", "web-1");
-    let software = concat!("ztna-connector/", env!("CARGO_PKG_VERSION"));
-    let mut client = ControlClient::connect(addr, server_name.as_deref(), &tls, software, cli.relay.timeout()).await?;
-    let info = client.info.clone().context("no relay info")?;
-    tracing::info!(identity = %info.identity, observed = %info.observed, relay = %addr, "connected to relay");
-    client.send(&Message::Register { services: services.iter().map(|s| s.name.clone()).collect() })?;
-    let mut refusals = Vec::new();
-    let registered = loop {
-        match client.next_message(cli.relay.timeout()).await? {
-            Message::Registered { services } => break services,
-            Message::Error { code, message, .. } => {
-                eprintln!("ztna-connector: relay refused: {message} ({code})");
-                refusals.push(message);
-            }
-            _ => {}
-        }
+    let metrics = Arc::new(ClientMetrics::new("ztna_connector"));
+    let _endpoint = match cli.metrics {
+        Some(a) => Some(ztna_metrics_http::Endpoint::start(a, metrics.clone())?),
+        None => None,
     };
-    if registered.is_empty() {
-        bail!("the relay accepted none of the services ({})", refusals.join("; "));
-    }
-    for s in services.iter().filter(|s| registered.contains(&s.name)) {
-        tracing::info!(service = %s.name, backend = %s.backend, "serving");
-    }
-    let deadline = cli.run_for.map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
-    loop {
-        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-            client.close().await;
-            return Ok(());
-        }
-        let msg = match client.next_message(Duration::from_secs(1)).await {
-            Ok(m) => m,
-            Err(ztna_client::ClientError::Timeout(..)) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        match msg {
-            Message::SessionOffer { session, service, peer_identity, .. } => {
-                tracing::info!(%session, %service, agent = %peer_identity, "session offered");
-            }
-            Message::SessionClosed { session, reason } => tracing::info!(%session, %reason, "session closed"),
-            Message::ObservedAddress { addr, .. } => tracing::info!(observed = %addr, "relay reports a new address"),
-            Message::Error { code, message, .. } => tracing::warn!(%code, "relay: {message}"),
-            _ => {}
-        }
+    let backends: HashMap<String, Backend> = services.into_iter().map(|s| (s.name, s.backend)).collect();
+    let cfg = EngineConfig {
+        relay: addr,
+        server_name,
+        tls: cli.relay.tls("connector", "web-1"),
+        software: concat!("ztna-connector/", env!("CARGO_PKG_VERSION")).into(),
+        connect_timeout: cli.relay.timeout(),
+        role: Role::Connector { backends },
+    };
+    let engine = Engine::new(cfg, metrics)?;
+    match cli.run_for {
+        Some(secs) => match tokio::time::timeout(Duration::from_secs_f64(secs), engine.run()).await {
+            Ok(result) => result,
+            Err(_) => Ok(()),
+        },
+        None => engine.run().await,
     }
 }

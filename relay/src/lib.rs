@@ -32,7 +32,7 @@ use crate::shared::{Mailbox, Shared};
 pub struct Relay {
     pub shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
-    admin: Option<admin::Admin>,
+    admin: Option<ztna_metrics_http::Endpoint>,
 }
 
 impl Relay {
@@ -61,7 +61,7 @@ impl Relay {
         let admin_addr = config.admin;
         let pin = config.pin_workers;
         let shared = Arc::new(Shared::new(config, local_addr, policy, n as u8, mailboxes));
-        let admin = admin::Admin::start(admin_addr, shared.clone())?;
+        let admin = ztna_metrics_http::Endpoint::start(admin_addr, shared.clone())?;
 
         let cores = if pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
         let mut workers = Vec::with_capacity(n);

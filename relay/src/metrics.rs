@@ -251,15 +251,12 @@ impl Metrics {
 
     /// Prometheus text format 0.0.4, what `promtool check metrics` and older scrapers read.
     pub fn encode_prometheus(&self) -> String {
-        openmetrics_to_prometheus(&self.encode())
+        ztna_metrics_http::openmetrics_to_prometheus(&self.encode())
     }
 
     /// OpenMetrics 1.0 text.
     pub fn encode(&self) -> String {
-        let mut out = String::with_capacity(16 * 1024);
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        ztna_metrics_http::encode(&self.registry)
     }
 }
 
@@ -288,33 +285,6 @@ impl WorkerMetrics {
     }
 }
 
-/// Converts OpenMetrics text to the Prometheus 0.0.4 text format: counter families are
-/// named by their `_total` sample name in HELP/TYPE, and `# UNIT` / `# EOF` go away.
-pub fn openmetrics_to_prometheus(text: &str) -> String {
-    let counters: std::collections::HashSet<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(text.len() + 64 * counters.len());
-    for line in text.lines() {
-        if line.starts_with("# UNIT ") || line == "# EOF" {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
-        });
-        match renamed {
-            Some(l) => out.push_str(&l),
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,10 +301,4 @@ mod tests {
         assert!(m.encode_prometheus().contains("ztna_relay_dropped_total{worker=\"0\",reason=\"unbound_source\"} 1"));
     }
 
-    #[test]
-    fn prometheus_text_names_counters_by_their_samples() {
-        let om = "# HELP a_x Things.\n# TYPE a_x counter\na_x_total 3\n# HELP d Dur.\n# TYPE d_seconds histogram\n# UNIT d_seconds seconds\n# EOF\n";
-        let p = openmetrics_to_prometheus(om);
-        assert_eq!(p, "# HELP a_x_total Things.\n# TYPE a_x_total counter\na_x_total 3\n# HELP d Dur.\n# TYPE d_seconds histogram\n");
-    }
 }

@@ -1,0 +1,114 @@
+//! Local ends of tunnelled flows: a task that reads a TCP socket and one that writes it,
+//! talking to the engine through messages. Memory per flow is bounded: the reader may hold
+//! at most [`READ_CREDIT`] bytes the engine has not yet put into QUIC, and the writer's
+//! queue holds at most [`WRITE_QUEUE`] chunks (the engine stops reading the QUIC stream when
+//! it is full, so QUIC flow control stalls the sender).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Semaphore, mpsc};
+use ztna_proto::SessionId;
+
+/// A TCP flow: the session's tunnel and the QUIC stream id.
+pub type FlowKey = (SessionId, u64);
+
+pub const CHUNK: usize = 32 * 1024;
+pub const READ_CREDIT: usize = 4 * CHUNK;
+pub const WRITE_QUEUE: usize = 8;
+
+/// From flow tasks to the engine.
+#[derive(Debug)]
+pub enum FlowEvent {
+    Data(FlowKey, Vec<u8>),
+    Eof(FlowKey),
+    ReadFailed(FlowKey),
+    /// The writer finished a chunk: the engine may read more from the QUIC stream.
+    Drained(FlowKey),
+    WriteFailed(FlowKey),
+}
+
+/// From the engine to a flow's writer task.
+#[derive(Debug)]
+pub enum WriterMsg {
+    Data(Vec<u8>),
+    /// The peer finished sending: half-close our side.
+    Fin,
+    /// The peer reset the stream: reset the TCP connection (RST, not FIN).
+    Reset,
+}
+
+pub struct FlowTasks {
+    pub writer: mpsc::Sender<WriterMsg>,
+    pub credit: Arc<Semaphore>,
+    pub reader: tokio::task::AbortHandle,
+}
+
+/// Starts the reader and writer tasks of one TCP connection.
+pub fn spawn(key: FlowKey, stream: tokio::net::TcpStream, events: mpsc::UnboundedSender<crate::engine::Event>) -> FlowTasks {
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let credit = Arc::new(Semaphore::new(READ_CREDIT));
+    let (writer, writer_rx) = mpsc::channel(WRITE_QUEUE);
+    let reader = tokio::spawn(read_loop(key, rd, credit.clone(), events.clone())).abort_handle();
+    tokio::spawn(write_loop(key, wr, writer_rx, events));
+    FlowTasks { writer, credit, reader }
+}
+
+async fn read_loop(
+    key: FlowKey,
+    mut rd: OwnedReadHalf,
+    credit: Arc<Semaphore>,
+    events: mpsc::UnboundedSender<crate::engine::Event>,
+) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        // Wait until the engine has room for a whole chunk before reading it.
+        let Ok(permit) = credit.acquire_many(CHUNK as u32).await else { return };
+        let event = match rd.read(&mut buf).await {
+            Ok(0) => FlowEvent::Eof(key),
+            Ok(n) => {
+                permit.forget();
+                // Give back what this read did not use; the engine returns the rest later.
+                credit.add_permits(CHUNK - n);
+                FlowEvent::Data(key, buf[..n].to_vec())
+            }
+            Err(_) => FlowEvent::ReadFailed(key),
+        };
+        let last = !matches!(event, FlowEvent::Data(..));
+        if events.send(crate::engine::Event::Flow(event)).is_err() || last {
+            return;
+        }
+    }
+}
+
+async fn write_loop(
+    key: FlowKey,
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<WriterMsg>,
+    events: mpsc::UnboundedSender<crate::engine::Event>,
+) {
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            WriterMsg::Data(data) => {
+                if wr.write_all(&data).await.is_err() {
+                    let _ = events.send(crate::engine::Event::Flow(FlowEvent::WriteFailed(key)));
+                    return;
+                }
+                let _ = events.send(crate::engine::Event::Flow(FlowEvent::Drained(key)));
+            }
+            WriterMsg::Fin => {
+                let _ = wr.shutdown().await;
+            }
+            WriterMsg::Reset => {
+                // Linger 0 makes close send RST, so the local application sees a reset.
+                // (The deprecation is about blocking on a non-zero linger; zero never blocks.)
+                #[allow(deprecated)]
+                let _ = wr.as_ref().set_linger(Some(Duration::ZERO));
+                return;
+            }
+        }
+    }
+}

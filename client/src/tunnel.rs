@@ -1,0 +1,156 @@
+//! One end-to-end tunnel: a quiche connection between agent (client) and connector (server)
+//! for one relay session, mutually authenticated with certificates from the deployment CA.
+//! The relay only ever sees its packets as opaque DATA-frame payloads.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use ztna_proto::SessionId;
+use ztna_proto::identity::Identity;
+
+use crate::path::{PathLayer, VIRTUAL_AGENT, VIRTUAL_CONNECTOR};
+
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Keep-alive inside the idle timeout, so an idle tunnel (and its NAT mappings) stays up.
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+/// Largest tunnel packet; with the DATA header it is the relay datagram.
+pub const MAX_TUNNEL_PACKET: usize = 1200;
+/// Per-stream flow-control window: how far a sender may run ahead of a slow reader.
+pub const STREAM_WINDOW: u64 = 1024 * 1024;
+/// Whole-connection window.
+pub const CONNECTION_WINDOW: u64 = 16 * 1024 * 1024;
+/// Concurrent TCP flows per tunnel (quiche raises the limit as streams finish).
+pub const MAX_STREAMS: u64 = 1024;
+
+/// QUIC stream error codes of the tunnel (RESET_STREAM / STOP_SENDING).
+pub mod stream_error {
+    /// The local TCP connection was reset or failed.
+    pub const TCP_RESET: u64 = 1;
+    /// The connector could not reach the backend (refused, unreachable, timed out).
+    pub const BACKEND_UNREACHABLE: u64 = 2;
+    /// The tunnel or session is going away.
+    pub const TUNNEL_CLOSED: u64 = 3;
+}
+
+pub struct Tunnel {
+    pub session: SessionId,
+    pub service: String,
+    /// The identity the relay announced for the other side; the certificate must match.
+    pub peer_identity: String,
+    pub conn: quiche::Connection,
+    pub path: PathLayer,
+    /// The peer's certificate has been checked against `peer_identity`.
+    pub verified: bool,
+    is_agent: bool,
+    last_send: Instant,
+    next_stream: u64,
+}
+
+impl Tunnel {
+    /// Agent side: start the handshake towards the connector.
+    pub fn connect(
+        session: SessionId,
+        service: String,
+        peer_identity: String,
+        path: PathLayer,
+        config: &mut quiche::Config,
+    ) -> Result<Tunnel> {
+        let scid: [u8; 16] = rand::random();
+        let conn =
+            quiche::connect(None, &quiche::ConnectionId::from_ref(&scid), VIRTUAL_AGENT, VIRTUAL_CONNECTOR, config)?;
+        Ok(Tunnel::new(session, service, peer_identity, path, conn, true))
+    }
+
+    /// Connector side: accept the agent's first packet.
+    pub fn accept(
+        session: SessionId,
+        service: String,
+        peer_identity: String,
+        path: PathLayer,
+        config: &mut quiche::Config,
+    ) -> Result<Tunnel> {
+        let scid: [u8; 16] = rand::random();
+        let conn =
+            quiche::accept(&quiche::ConnectionId::from_ref(&scid), None, VIRTUAL_CONNECTOR, VIRTUAL_AGENT, config)?;
+        Ok(Tunnel::new(session, service, peer_identity, path, conn, false))
+    }
+
+    fn new(
+        session: SessionId,
+        service: String,
+        peer_identity: String,
+        path: PathLayer,
+        conn: quiche::Connection,
+        is_agent: bool,
+    ) -> Tunnel {
+        Tunnel {
+            session,
+            service,
+            peer_identity,
+            conn,
+            path,
+            verified: false,
+            is_agent,
+            last_send: Instant::now(),
+            // Client-initiated bidirectional streams: 0, 4, 8, ...
+            next_stream: 0,
+        }
+    }
+
+    /// A tunnel packet (a DATA frame's payload) from the peer.
+    pub fn recv(&mut self, packet: &mut [u8]) {
+        let (from, to) = if self.is_agent { (VIRTUAL_CONNECTOR, VIRTUAL_AGENT) } else { (VIRTUAL_AGENT, VIRTUAL_CONNECTOR) };
+        // A packet quiche rejects is dropped; loss recovery covers it.
+        let _ = self.conn.recv(packet, quiche::RecvInfo { from, to });
+    }
+
+    /// The next framed datagram to send: written into `buf` with the frame header in front.
+    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<(usize, std::net::SocketAddr)> {
+        let room = (buf.len() - PathLayer::HEADROOM).min(MAX_TUNNEL_PACKET);
+        match self.conn.send(&mut buf[PathLayer::HEADROOM..PathLayer::HEADROOM + room]) {
+            Ok((n, _)) => {
+                self.last_send = Instant::now();
+                Some(self.path.wrap(buf, n))
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Once established: the peer's certificate must name the identity the relay announced.
+    pub fn verify_peer(&mut self) -> Result<()> {
+        let der = self.conn.peer_cert().ok_or_else(|| anyhow::anyhow!("peer presented no certificate"))?;
+        let got = Identity::from_certificate_der(der)?;
+        if got.to_string() != self.peer_identity {
+            bail!("peer is {got}, but the relay announced {}", self.peer_identity);
+        }
+        self.verified = true;
+        Ok(())
+    }
+
+    pub fn timeout(&self, now: Instant) -> Option<Duration> {
+        let keepalive = (self.is_agent && self.conn.is_established())
+            .then(|| KEEPALIVE.saturating_sub(now.saturating_duration_since(self.last_send)));
+        match (self.conn.timeout(), keepalive) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn on_timeout(&mut self, now: Instant) {
+        self.conn.on_timeout();
+        if self.is_agent && self.conn.is_established() && now.saturating_duration_since(self.last_send) >= KEEPALIVE {
+            let _ = self.conn.send_ack_eliciting();
+        }
+    }
+
+    /// A new stream id for a TCP flow (agent side).
+    pub fn open_stream(&mut self) -> u64 {
+        let id = self.next_stream;
+        self.next_stream += 4;
+        id
+    }
+
+    pub fn is_agent(&self) -> bool {
+        self.is_agent
+    }
+}
