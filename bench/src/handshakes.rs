@@ -131,6 +131,10 @@ pub struct HandshakeReport {
     pub relay_cpu_cores: Option<f64>,
     /// This load generator's own CPU over the same interval.
     pub bench_cpu_s: f64,
+    /// CPU used by everything else on the machine over the same interval (other processes,
+    /// interrupts): the whole machine's busy time minus the relay's and ours. Only meaningful
+    /// with --relay-pid; a large value means the figures are disturbed.
+    pub other_cpu_s: Option<f64>,
     pub wall_s: f64,
     pub relay_counters: Option<RelayCounters>,
     /// How the clients built their TLS trust store (see `--system-roots`).
@@ -238,6 +242,7 @@ pub async fn run(args: &HandshakeArgs) -> Result<HandshakeReport> {
     };
     let relay_cpu0 = args.relay_pid.map(|p| sys::cpu_seconds(Some(p))).transpose()?;
     let bench_cpu0 = sys::cpu_seconds(None)?;
+    let busy0 = sys::machine_busy_seconds()?;
     let duration = Duration::from_secs_f64(args.duration);
     let seconds = args.duration.ceil() as usize;
     let start = Instant::now();
@@ -282,6 +287,8 @@ pub async fn run(args: &HandshakeArgs) -> Result<HandshakeReport> {
         (Some(p), Some(c0)) => Some(sys::cpu_seconds(Some(p))? - c0),
         _ => None,
     };
+    let busy = sys::machine_busy_seconds()? - busy0;
+    let other_cpu_s = relay_cpu_s.map(|r| (busy - r - bench_cpu_s).max(0.0));
     let relay_counters = match (args.admin, before) {
         (Some(a), Some(b)) => Some(sys::counters_between(&b, &sys::scrape(a)?)),
         _ => None,
@@ -310,6 +317,7 @@ pub async fn run(args: &HandshakeArgs) -> Result<HandshakeReport> {
             .map(|c| c * 1e6 / completed_total as f64),
         relay_cpu_cores: relay_cpu_s.map(|c| c / wall),
         bench_cpu_s,
+        other_cpu_s,
         wall_s: wall,
         relay_counters,
         client_trust_store: crate::client_trust_store().to_string(),
@@ -360,6 +368,7 @@ pub fn print(r: &HandshakeReport, label: &str) {
         ("relay CPU", format!("{} s ({} cores)", opt(r.relay_cpu_s, 2), opt(r.relay_cpu_cores, 2))),
         ("relay CPU per handshake", format!("{} µs", opt(r.relay_cpu_us_per_handshake, 0))),
         ("load generator CPU", format!("{:.2} s over {:.2} s wall", r.bench_cpu_s, r.wall_s)),
+        ("other CPU on the machine", format!("{} s", opt(r.other_cpu_s, 2))),
         ("client trust store", r.client_trust_store.clone()),
     ];
     let mut rows = rows;
@@ -374,6 +383,11 @@ pub fn print(r: &HandshakeReport, label: &str) {
     }
     for (k, v) in rows {
         println!("  {k:<32} {v}");
+    }
+    if let Some(o) = r.other_cpu_s
+        && o > 0.1 * r.wall_s
+    {
+        println!("  WARNING: other processes used {o:.1} s of CPU during the run: the figures are disturbed");
     }
     if r.failure_kinds.contains_key("timeout") {
         println!("  note: timeouts usually mean the relay dropped Initials (rate limit, overload): see its drop counters");

@@ -312,6 +312,9 @@ pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
     if !(args.duration > 0.0 && args.duration <= 600.0 && (0.0..=600.0).contains(&args.latency_duration)) {
         bail!("--duration must be in (0, 600] and --latency-duration in [0, 600] seconds");
     }
+    if args.concurrency == 0 || args.concurrency > 10_000 || args.connections == 0 || args.connections > 100_000 {
+        bail!("--concurrency must be in 1..=10000 and --connections in 1..=100000");
+    }
     let bin = relay_bin(args)?;
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.is_dir()
@@ -449,7 +452,9 @@ pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
          verification), so the handshake rate below is what this machine sustains for relay *and* clients together, \
          not the relay's ceiling. The figure that carries over to other hardware is the relay's CPU per handshake \
          (relay utime+stime from /proc/PID/stat over the run, divided by the handshakes completed); 1 s of relay CPU \
-         per second would be one core saturated.",
+         per second would be one core saturated. \
+         *Other CPU* is the machine's busy time not spent by the relay or the load generator during the run \
+         (from /proc/stat): near zero means nothing else disturbed it.",
         m.cores
     );
     let _ = writeln!(s);
@@ -457,9 +462,9 @@ pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "| run | loops | s | handshakes/s (mean) | per-second min–max | connect p50 | connect p99 | QUIC handshake p50 | failures | relay drops | relay CPU | relay CPU / handshake | load-gen CPU |"
+        "| run | loops | s | handshakes/s (mean) | per-second min–max | connect p50 | connect p99 | QUIC handshake p50 | failures | relay drops | relay CPU | relay CPU / handshake | load-gen CPU | other CPU |"
     );
-    let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     let rows: [(&str, Option<&HandshakeReport>); 4] = [
         ("Retry on", Some(&r.throughput_retry)),
         ("Retry off (`--no-retry`)", Some(&r.throughput_no_retry)),
@@ -470,7 +475,7 @@ pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
         let Some(h) = h else { continue };
         let _ = writeln!(
             s,
-            "| {name} | {} | {:.0} | **{:.0}** | {}–{} | {} | {} | {} | {} | {} | {} s ({} cores) | **{}** | {:.2} s |",
+            "| {name} | {} | {:.0} | **{:.0}** | {}–{} | {} | {} | {} | {} | {} | {} s ({} cores) | **{}** | {:.2} s | {} s |",
             h.concurrency,
             h.duration_s,
             h.rate_mean_per_s,
@@ -485,6 +490,7 @@ pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
             opt(h.relay_cpu_cores, 2, ""),
             opt(h.relay_cpu_us_per_handshake, 0, " µs"),
             h.bench_cpu_s,
+            opt(h.other_cpu_s, 2, ""),
         );
     }
     let _ = writeln!(s);

@@ -54,6 +54,17 @@ pub fn cpu_seconds(pid: Option<u32>) -> Result<f64> {
     Ok((utime + stime) as f64 / clock_ticks_per_sec())
 }
 
+/// CPU time spent busy (not idle, not waiting for I/O) by the whole machine, all cores, in seconds.
+pub fn machine_busy_seconds() -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = text.lines().next().filter(|l| l.starts_with("cpu ")).context("malformed /proc/stat")?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already inside user).
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Ok(total.saturating_sub(idle) as f64 / clock_ticks_per_sec())
+}
+
 /// Raises this process's open-file limit to its hard limit (each client connection owns a socket).
 pub fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -259,6 +270,7 @@ mod tests {
     fn reads_own_process() {
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
         assert!(cpu_seconds(None).unwrap() >= 0.0);
+        assert!(machine_busy_seconds().unwrap() > 0.0);
         assert!(utc_now().ends_with("UTC"));
     }
 }

@@ -234,7 +234,7 @@ impl ControlCore {
                     continue;
                 }
                 Err(e) => {
-                    let _ = self.conn.close(true, 0x103, b"control stream framing lost");
+                    let _ = self.conn.close(true, ztna_proto::control::close_code::PROTOCOL_VIOLATION, b"control stream framing lost");
                     self.protocol_error = Some(e.to_string());
                     return;
                 }

@@ -240,10 +240,11 @@ impl Engine {
         let client = match attempt {
             Ok(client) => client,
             Err(e) => {
-                let fatal = matches!(
-                    e,
-                    ClientError::Refused { .. } | ClientError::Handshake(_) | ClientError::NotARelay(_) | ClientError::Setup(_)
-                );
+                let fatal = match &e {
+                    ClientError::Refused { .. } | ClientError::Handshake(_) | ClientError::NotARelay(_) | ClientError::Setup(_) => true,
+                    ClientError::ClosedByRelay { code, .. } => ztna_proto::control::close_code::is_permanent(*code),
+                    _ => false,
+                };
                 if fatal && !self.ever_connected {
                     bail!("{e}");
                 }
@@ -485,14 +486,9 @@ impl Engine {
             };
             match t.conn.stream_recv(id, &mut self.streambuf) {
                 Ok((n, fin)) => {
-                    if n > 0 {
-                        self.metrics.bytes_from_peer.inc_by(n as u64);
-                        permit.send(WriterMsg::Data(self.streambuf[..n].to_vec()));
-                    } else {
-                        drop(permit);
-                    }
+                    self.metrics.bytes_from_peer.inc_by(n as u64);
+                    permit.send(WriterMsg { data: self.streambuf[..n].to_vec(), fin });
                     if fin {
-                        let _ = tasks.writer.try_send(WriterMsg::Fin);
                         flow.remote_done = true;
                         break;
                     }
@@ -501,8 +497,7 @@ impl Engine {
                 Err(quiche::Error::StreamReset(code)) => {
                     tracing::debug!(?key, code, "stream reset by peer");
                     drop(permit);
-                    let _ = tasks.writer.try_send(WriterMsg::Reset);
-                    tasks.reader.abort();
+                    tasks.reset();
                     reset = true;
                     break;
                 }
@@ -587,11 +582,8 @@ impl Engine {
             let _ = t.conn.stream_shutdown(key.1, quiche::Shutdown::Read, code);
             let _ = t.conn.stream_shutdown(key.1, quiche::Shutdown::Write, code);
         }
-        if let Some(flow) = self.flows.get(&key)
-            && let Some(tasks) = &flow.tasks
-        {
-            tasks.reader.abort();
-            let _ = tasks.writer.try_send(WriterMsg::Reset);
+        if let Some(tasks) = self.flows.get(&key).and_then(|f| f.tasks.as_ref()) {
+            tasks.reset();
         }
         self.remove_flow(key);
     }
@@ -747,7 +739,8 @@ impl Engine {
     }
 
     fn request_session(&mut self, service: &str) {
-        if self.requests.values().any(|s| s == service) {
+        // One tunnel per service: none while a request or a handshake is under way.
+        if self.requests.values().any(|s| s == service) || self.service_sessions.contains_key(service) {
             return;
         }
         let Some(core) = &mut self.control else { return };

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use ztna_proto::SessionId;
 
 /// A TCP flow: the session's tunnel and the QUIC stream id.
@@ -30,20 +30,28 @@ pub enum FlowEvent {
     WriteFailed(FlowKey),
 }
 
-/// From the engine to a flow's writer task.
+/// From the engine to a flow's writer task: bytes, then `fin` once the peer finished
+/// sending (half-close our side).
 #[derive(Debug)]
-pub enum WriterMsg {
-    Data(Vec<u8>),
-    /// The peer finished sending: half-close our side.
-    Fin,
-    /// The peer reset the stream: reset the TCP connection (RST, not FIN).
-    Reset,
+pub struct WriterMsg {
+    pub data: Vec<u8>,
+    pub fin: bool,
 }
 
 pub struct FlowTasks {
     pub writer: mpsc::Sender<WriterMsg>,
     pub credit: Arc<Semaphore>,
     pub reader: tokio::task::AbortHandle,
+    /// Reset the TCP connection (RST, not FIN); never lost, even when the queue is full.
+    pub reset: Arc<Notify>,
+}
+
+impl FlowTasks {
+    /// The peer reset the stream, or the flow is being torn down.
+    pub fn reset(&self) {
+        self.reader.abort();
+        self.reset.notify_one();
+    }
 }
 
 /// Starts the reader and writer tasks of one TCP connection.
@@ -52,9 +60,10 @@ pub fn spawn(key: FlowKey, stream: tokio::net::TcpStream, events: mpsc::Unbounde
     let (rd, wr) = stream.into_split();
     let credit = Arc::new(Semaphore::new(READ_CREDIT));
     let (writer, writer_rx) = mpsc::channel(WRITE_QUEUE);
+    let reset = Arc::new(Notify::new());
     let reader = tokio::spawn(read_loop(key, rd, credit.clone(), events.clone())).abort_handle();
-    tokio::spawn(write_loop(key, wr, writer_rx, events));
-    FlowTasks { writer, credit, reader }
+    tokio::spawn(write_loop(key, wr, writer_rx, reset.clone(), events));
+    FlowTasks { writer, credit, reader, reset }
 }
 
 async fn read_loop(
@@ -88,27 +97,31 @@ async fn write_loop(
     key: FlowKey,
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<WriterMsg>,
+    reset: Arc<Notify>,
     events: mpsc::UnboundedSender<crate::engine::Event>,
 ) {
-    while let Some(msg) = rx.recv().await {
-        match msg {
-            WriterMsg::Data(data) => {
-                if wr.write_all(&data).await.is_err() {
-                    let _ = events.send(crate::engine::Event::Flow(FlowEvent::WriteFailed(key)));
-                    return;
-                }
-                let _ = events.send(crate::engine::Event::Flow(FlowEvent::Drained(key)));
-            }
-            WriterMsg::Fin => {
-                let _ = wr.shutdown().await;
-            }
-            WriterMsg::Reset => {
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = reset.notified() => {
                 // Linger 0 makes close send RST, so the local application sees a reset.
                 // (The deprecation is about blocking on a non-zero linger; zero never blocks.)
                 #[allow(deprecated)]
                 let _ = wr.as_ref().set_linger(Some(Duration::ZERO));
                 return;
             }
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        if !msg.data.is_empty() && wr.write_all(&msg.data).await.is_err() {
+            let _ = events.send(crate::engine::Event::Flow(FlowEvent::WriteFailed(key)));
+            return;
         }
+        if msg.fin {
+            let _ = wr.shutdown().await;
+        }
+        let _ = events.send(crate::engine::Event::Flow(FlowEvent::Drained(key)));
     }
 }

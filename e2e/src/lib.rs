@@ -102,7 +102,11 @@ pub struct Relay {
 impl Relay {
     /// Starts the relay dual-stack on a free port with `workers` workers and extra flags.
     pub fn start(pki: &Pki, workers: usize, extra: &[&str]) -> Relay {
-        let port = free_udp_port();
+        Relay::start_on(pki, free_udp_port(), workers, extra)
+    }
+
+    /// Like [`start`](Self::start) on a given UDP port (to restart a relay in place).
+    pub fn start_on(pki: &Pki, port: u16, workers: usize, extra: &[&str]) -> Relay {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let log = pki.path().join(format!("relay-{port}.log"));
         let log_file = std::fs::File::create(&log).expect("relay log");
@@ -271,4 +275,122 @@ pub fn agent_check(pki: &Pki, relay: SocketAddr, name: &str, extra: &[&str]) -> 
         .args(extra)
         .output()
         .expect("run ztna-agent")
+}
+
+/// A client process (agent or connector), killed on drop; its stderr goes to a log file.
+pub struct ClientProc {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl ClientProc {
+    pub fn spawn(pki: &Pki, bin_name: &str, args: &[String]) -> ClientProc {
+        let tag: u32 = rand::random();
+        let log = pki.path().join(format!("{bin_name}-{tag}.log"));
+        let child = Command::new(bin(bin_name))
+            .args(args)
+            .env("ZTNA_LOG", std::env::var("ZTNA_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn client");
+        ClientProc { child: Some(child), log, name: bin_name.into() }
+    }
+
+    /// `ztna-connector` serving `services` (`name=host:port` or `name=udp:host:port`).
+    pub fn connector(pki: &Pki, relay: SocketAddr, name: &str, services: &[String], extra: &[&str]) -> ClientProc {
+        let mut args: Vec<String> = vec!["--relay".into(), relay.to_string(), "--pki-dir".into()];
+        args.push(pki.path().display().to_string());
+        args.extend(["--name".into(), name.into()]);
+        for s in services {
+            args.extend(["--service".into(), s.clone()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let p = ClientProc::spawn(pki, "ztna-connector", &args);
+        p.wait_log("registered", Duration::from_secs(10));
+        p
+    }
+
+    /// `ztna-agent run` with forwards (`-L`/`-U` pairs given as flags).
+    pub fn agent(pki: &Pki, relay: SocketAddr, name: &str, forwards: &[&str]) -> ClientProc {
+        let mut args: Vec<String> = vec!["run".into(), "--relay".into(), relay.to_string(), "--pki-dir".into()];
+        args.push(pki.path().display().to_string());
+        args.extend(["--name".into(), name.into()]);
+        args.extend(forwards.iter().map(|s| s.to_string()));
+        ClientProc::spawn(pki, "ztna-agent", &args)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; panics with the log otherwise.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{} never logged {needle:?}:\n{}", self.name, self.log_text());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
+
+    /// Waits for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ClientProc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- {} log ----\n{}", self.name, self.log_text());
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// VmRSS of a process in KiB (0 if unknown).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_tcp(addr: SocketAddr, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on {addr}");
 }

@@ -147,6 +147,63 @@ fn certificate_from_another_ca_is_rejected() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("TLS"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The system trust store never vouches for anyone: a client that trusts only the
+    // foreign CA stays unconvinced by the relay even when the relay's CA is a "system" root.
+    let out = std::process::Command::new(ztna_e2e::bin("ztna-agent"))
+        .args(["check", "--relay", &relay.addr_v4().to_string(), "--timeout", "3", "--name", "alice"])
+        .arg("--pki-dir")
+        .arg(pki.path())
+        .arg("--ca")
+        .arg(foreign.path().join("ca.pem"))
+        .env("SSL_CERT_FILE", pki.path().join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a system root must not replace the deployment CA");
+}
+
+#[test]
+fn the_relay_trusts_its_ca_file_and_nothing_else() {
+    let pki = Pki::new("trust1");
+    let foreign = Pki::new("trust2");
+    // The relay's process sees the foreign CA as a "system" root.
+    let relay = {
+        // SAFETY: tests in this binary run in threads, but only this one reads this variable
+        // for the relay child it spawns right away.
+        let _guard = EnvGuard::set("SSL_CERT_FILE", foreign.path().join("ca.pem"));
+        Relay::start(&pki, 1, &[])
+    };
+    let out = std::process::Command::new(ztna_e2e::bin("ztna-agent"))
+        .args(["check", "--relay", &relay.addr_v4().to_string(), "--timeout", "3"])
+        .arg("--cert")
+        .arg(foreign.path().join("agent-alice.pem"))
+        .arg("--key")
+        .arg(foreign.path().join("agent-alice.key"))
+        .arg("--ca")
+        .arg(pki.path().join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(relay.wait_metric("ztna_relay_auth_failures_total", &[("reason", "tls_handshake")], 1.0), 1.0);
+}
+
+/// Sets an environment variable for child processes spawned while it lives.
+struct EnvGuard(&'static str);
+
+impl EnvGuard {
+    fn set(key: &'static str, value: std::path::PathBuf) -> EnvGuard {
+        // SAFETY: set before spawning the child and removed right after; no other thread of
+        // this test binary reads SSL_CERT_FILE.
+        unsafe { std::env::set_var(key, value) };
+        EnvGuard(key)
+    }
+}
+
+impl Drop for EnvGuard {
+    fn drop(&mut self) {
+        // SAFETY: as in `set`.
+        unsafe { std::env::remove_var(self.0) };
+    }
 }
 
 #[test]

@@ -21,6 +21,26 @@ pub const MAX_TEXT_LEN: usize = 1024;
 /// Most services in one list.
 pub const MAX_SERVICES: usize = 128;
 
+/// QUIC application error codes the relay sends in CONNECTION_CLOSE of a control
+/// connection (the reason phrase says more).
+pub mod close_code {
+    /// Relay shutting down (drain) or a client saying goodbye.
+    pub const SHUTDOWN: u64 = 0;
+    /// The client certificate is missing or names no valid identity.
+    pub const AUTH_FAILED: u64 = 0x101;
+    /// The identity is not in the relay's policy (or no longer is).
+    pub const NOT_AUTHORIZED: u64 = 0x102;
+    /// Control-stream framing lost, data on another stream, or an unsupported version.
+    pub const PROTOCOL_VIOLATION: u64 = 0x103;
+    /// The client stopped reading its control stream.
+    pub const SLOW_READER: u64 = 0x104;
+
+    /// Codes after which reconnecting cannot help: the client's identity was refused.
+    pub fn is_permanent(code: u64) -> bool {
+        code == AUTH_FAILED || code == NOT_AUTHORIZED
+    }
+}
+
 /// Reason codes of `Error` and `SessionClosed`. Unknown codes are kept, not rejected, so an
 /// older client still shows a newer relay's refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

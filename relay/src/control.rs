@@ -18,14 +18,7 @@ pub const CONTROL_STREAM: u64 = 0;
 /// not reading and is closed rather than buffered without bound.
 pub const MAX_OUTBOX: usize = 256 * 1024;
 
-/// QUIC application error codes sent in CONNECTION_CLOSE (the reason phrase says more).
-pub mod close_code {
-    pub const SHUTDOWN: u64 = 0;
-    pub const AUTH_FAILED: u64 = 0x101;
-    pub const NOT_AUTHORIZED: u64 = 0x102;
-    pub const PROTOCOL_VIOLATION: u64 = 0x103;
-    pub const SLOW_READER: u64 = 0x104;
-}
+pub use ztna_proto::control::close_code;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
