@@ -108,6 +108,9 @@ async fn write_loop(
                 // (The deprecation is about blocking on a non-zero linger; zero never blocks.)
                 #[allow(deprecated)]
                 let _ = wr.as_ref().set_linger(Some(Duration::ZERO));
+                // Dropping a write half would send FIN first; forget it so the socket closes
+                // (with RST) once the reader, aborted by the engine, lets go of its half.
+                wr.forget();
                 return;
             }
             m = rx.recv() => match m {

@@ -193,8 +193,8 @@ async fn udp_echo_and_oversize_datagrams() {
         }
     });
     let pki = Pki::new("udp");
-    let relay = Relay::start(&pki, 1, &[]);
     pki.set_policy(&format!("{}\n[services.dns]\nagents = [\"ztna://agent/alice\"]\nconnectors = [\"ztna://connector/web-1\"]\n", ztna_e2e::DEFAULT_POLICY));
+    let relay = Relay::start(&pki, 1, &[]);
     let _connector = ClientProc::connector(&pki, relay.addr_v4(), "web-1", &[format!("dns=udp:{backend_addr}")], &[]);
     let port = free_tcp_port();
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
