@@ -296,3 +296,68 @@ fn an_agent_or_connector_without_permission_exits_with_the_reason() {
     assert!(log.contains("ztna://connector/db-1 may not serve \"web\""), "{log}");
     assert!(log.contains("registered none"), "{log}");
 }
+
+/// Resident-memory bound for agent and connector while a fast sender meets a slow reader.
+const RSS_BOUND_KIB: u64 = 64 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_stalls_the_sender_and_memory_stays_bounded() {
+    const TOTAL: usize = 200 * 1024 * 1024;
+    // A backend that reads at most 64 KiB per 2 ms (at most 32 MiB/s, so at least 6.25 s for
+    // the whole transfer) and hashes what it got.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0usize;
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            total += n;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let _ = done_tx.send((total, <[u8; 32]>::from(hasher.finalize())));
+    });
+    let s = setup(backend, &[]).await;
+    let (agent_pid, connector_pid) = (s.agent.pid(), s.connector.pid());
+    let sampler = tokio::spawn(async move {
+        let mut max = (0u64, 0u64);
+        loop {
+            let (a, c) = (ztna_e2e::rss_kib(agent_pid), ztna_e2e::rss_kib(connector_pid));
+            max = (max.0.max(a), max.1.max(c));
+            if a == 0 || c == 0 {
+                return max;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let started = Instant::now();
+    let mut c = TcpStream::connect(s.local).await.unwrap();
+    let mut hasher = Sha256::new();
+    let block = pattern(99, 1024 * 1024);
+    for _ in 0..TOTAL / block.len() {
+        c.write_all(&block).await.unwrap();
+        hasher.update(&block);
+    }
+    c.shutdown().await.unwrap();
+    let want: [u8; 32] = hasher.finalize().into();
+    let (total, got) = tokio::time::timeout(Duration::from_secs(120), done_rx).await.unwrap().unwrap();
+    let elapsed = started.elapsed();
+    let (agent_rss, connector_rss) = (s.agent.rss_kib(), s.connector.rss_kib());
+    drop(s);
+    let (max_agent, max_connector) = sampler.await.unwrap();
+    eprintln!(
+        "200 MiB to a slow reader in {elapsed:?}; peak RSS agent {max_agent} KiB, connector {max_connector} KiB (after: {agent_rss}, {connector_rss})"
+    );
+    assert_eq!((total, got), (TOTAL, want));
+    // The sender could only go as fast as the reader: QUIC flow control held it back.
+    assert!(elapsed >= Duration::from_millis(6250), "finished in {elapsed:?}, faster than the reader reads");
+    assert!(max_agent < RSS_BOUND_KIB, "agent peak RSS {max_agent} KiB");
+    assert!(max_connector < RSS_BOUND_KIB, "connector peak RSS {max_connector} KiB");
+}
