@@ -118,6 +118,10 @@ impl Tunnel {
 
     /// Once established: the peer's certificate must name the identity the relay announced.
     pub fn verify_peer(&mut self) -> Result<()> {
+        // Before the handshake completes, a certificate may be present but unverified.
+        if !self.conn.is_established() {
+            bail!("the tunnel handshake has not completed");
+        }
         let der = self.conn.peer_cert().ok_or_else(|| anyhow::anyhow!("peer presented no certificate"))?;
         let got = Identity::from_certificate_der(der)?;
         if got.to_string() != self.peer_identity {
