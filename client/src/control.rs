@@ -16,6 +16,7 @@ use ztna_proto::frame;
 use ztna_proto::identity::{Identity, Kind};
 use ztna_proto::{CONTROL_VERSION, ErrorCode, Message};
 
+use crate::keepalive::KeepAlive;
 use crate::tls::ClientTls;
 
 pub const CONTROL_STREAM: u64 = 0;
@@ -102,7 +103,7 @@ pub struct ControlCore {
     reader: MessageReader,
     outbox: Vec<u8>,
     messages: VecDeque<Message>,
-    last_send: Instant,
+    keepalive: KeepAlive,
     /// Latest QAD report.
     pub observed: Option<SocketAddr>,
     protocol_error: Option<String>,
@@ -117,7 +118,7 @@ impl ControlCore {
             reader: MessageReader::new(),
             outbox: Vec::new(),
             messages: VecDeque::new(),
-            last_send: Instant::now(),
+            keepalive: KeepAlive::new(KEEPALIVE),
             observed: None,
             protocol_error: None,
         }
@@ -172,7 +173,7 @@ impl ControlCore {
         self.flush_outbox();
         match self.conn.send(out) {
             Ok((n, info)) => {
-                self.last_send = Instant::now();
+                self.keepalive.sent(Instant::now());
                 Ok(Some((n, info.to)))
             }
             Err(quiche::Error::Done) => Ok(None),
@@ -190,23 +191,12 @@ impl ControlCore {
 
     /// How long until [`on_timeout`](Self::on_timeout) has work: a QUIC timer or the keep-alive.
     pub fn timeout(&self, now: Instant) -> Option<Duration> {
-        let keepalive = self
-            .conn
-            .is_established()
-            .then(|| KEEPALIVE.saturating_sub(now.saturating_duration_since(self.last_send)));
-        match (self.conn.timeout(), keepalive) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.keepalive.timeout(&self.conn, now)
     }
 
     /// Runs due QUIC timers and sends a keep-alive when the line has been quiet.
     pub fn on_timeout(&mut self, now: Instant) {
-        // quiche checks its own deadlines; calling early is harmless.
-        self.conn.on_timeout();
-        if self.conn.is_established() && now.saturating_duration_since(self.last_send) >= KEEPALIVE {
-            let _ = self.conn.send_ack_eliciting();
-        }
+        self.keepalive.on_timeout(&mut self.conn, now);
     }
 
     fn flush_outbox(&mut self) {

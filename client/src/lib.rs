@@ -7,6 +7,7 @@ pub mod cli;
 pub mod control;
 pub mod engine;
 pub mod flows;
+pub mod keepalive;
 pub mod metrics;
 pub mod path;
 pub mod target;

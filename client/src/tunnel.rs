@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use ztna_proto::SessionId;
 use ztna_proto::identity::Identity;
 
+use crate::keepalive::KeepAlive;
 use crate::path::{PathLayer, VIRTUAL_AGENT, VIRTUAL_CONNECTOR};
 
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -42,7 +43,8 @@ pub struct Tunnel {
     /// The peer's certificate has been checked against `peer_identity`.
     pub verified: bool,
     is_agent: bool,
-    last_send: Instant,
+    /// The agent keeps idle tunnels alive; the connector only answers.
+    keepalive: Option<KeepAlive>,
     next_stream: u64,
 }
 
@@ -91,7 +93,7 @@ impl Tunnel {
             path,
             verified: false,
             is_agent,
-            last_send: Instant::now(),
+            keepalive: is_agent.then(|| KeepAlive::new(KEEPALIVE)),
             // Client-initiated bidirectional streams: 0, 4, 8, ...
             next_stream: 0,
         }
@@ -109,7 +111,9 @@ impl Tunnel {
         let room = (buf.len() - PathLayer::HEADROOM).min(MAX_TUNNEL_PACKET);
         match self.conn.send(&mut buf[PathLayer::HEADROOM..PathLayer::HEADROOM + room]) {
             Ok((n, _)) => {
-                self.last_send = Instant::now();
+                if let Some(k) = &mut self.keepalive {
+                    k.sent(Instant::now());
+                }
                 Some(self.path.wrap(buf, n))
             }
             Err(_) => None,
@@ -132,18 +136,16 @@ impl Tunnel {
     }
 
     pub fn timeout(&self, now: Instant) -> Option<Duration> {
-        let keepalive = (self.is_agent && self.conn.is_established())
-            .then(|| KEEPALIVE.saturating_sub(now.saturating_duration_since(self.last_send)));
-        match (self.conn.timeout(), keepalive) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        match &self.keepalive {
+            Some(k) => k.timeout(&self.conn, now),
+            None => self.conn.timeout(),
         }
     }
 
     pub fn on_timeout(&mut self, now: Instant) {
-        self.conn.on_timeout();
-        if self.is_agent && self.conn.is_established() && now.saturating_duration_since(self.last_send) >= KEEPALIVE {
-            let _ = self.conn.send_ack_eliciting();
+        match &self.keepalive {
+            Some(k) => k.on_timeout(&mut self.conn, now),
+            None => self.conn.on_timeout(),
         }
     }
 

@@ -202,18 +202,7 @@ impl Relay {
 
     /// Waits for the process to exit; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut()?;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_child(&mut self.child, timeout)
     }
 }
 
@@ -346,20 +335,9 @@ impl ClientProc {
         rss_kib(self.pid())
     }
 
-    /// Waits for the process to exit; its exit code.
+    /// Waits for the process to exit; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut()?;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_child(&mut self.child, timeout)
     }
 }
 
@@ -393,4 +371,19 @@ pub fn wait_tcp(addr: SocketAddr, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("nothing listens on {addr}");
+}
+
+/// Waits up to `timeout` for a child to exit; takes it and returns its exit code.
+fn wait_child(child: &mut Option<Child>, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.as_mut()?.try_wait() {
+            *child = None;
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -27,7 +27,8 @@ async fn echo_backend() -> SocketAddr {
 
 /// Starts relay, connector (web = TCP echo) and an agent forwarding a local port to web.
 struct Setup {
-    pki: Pki,
+    /// Keeps the PKI directory (and the logs in it) for the test's lifetime.
+    _pki: Pki,
     relay: Relay,
     connector: ClientProc,
     agent: ClientProc,
@@ -48,7 +49,7 @@ async fn setup(backend: SocketAddr, extra_services: &[String]) -> Setup {
     let metrics = agent_metrics.to_string();
     let agent = ClientProc::agent(&pki, relay.addr_v6(), "alice", &["-L", &forward, "--metrics", &metrics]);
     agent.wait_log("TCP forward ready", Duration::from_secs(10));
-    Setup { pki, relay, connector, agent, local, agent_metrics }
+    Setup { _pki: pki, relay, connector, agent, local, agent_metrics }
 }
 
 fn agent_metric(s: &Setup, name: &str) -> f64 {
