@@ -5,10 +5,16 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
 use anyhow::{Context, Result, bail};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
-use ztna_client::engine::Event;
+use ztna_client::engine::{Event, UDP_FLOW_IDLE};
+
+/// Flow ids are unique across every UDP forward of this agent, so replies find their owner.
+static NEXT_FLOW: AtomicU32 = AtomicU32::new(1);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
@@ -56,15 +62,27 @@ pub async fn serve_udp(fwd: Forward, events: mpsc::UnboundedSender<Event>) -> Re
     let (tx, mut replies) = mpsc::channel::<(u32, Vec<u8>)>(1024);
     events.send(Event::UdpReturn { service: fwd.service.clone(), tx }).ok().context("engine stopped")?;
     tokio::spawn(async move {
-        let mut flows: HashMap<SocketAddr, u32> = HashMap::new();
+        let mut flows: HashMap<SocketAddr, (u32, Instant)> = HashMap::new();
         let mut peers: HashMap<u32, SocketAddr> = HashMap::new();
         let mut buf = vec![0u8; 65536];
+        let mut sweep = tokio::time::interval(UDP_FLOW_IDLE);
         loop {
             tokio::select! {
+                _ = sweep.tick() => {
+                    let now = Instant::now();
+                    flows.retain(|_, (flow, seen)| {
+                        let live = now.duration_since(*seen) < UDP_FLOW_IDLE;
+                        if !live {
+                            peers.remove(flow);
+                        }
+                        live
+                    });
+                }
                 r = socket.recv_from(&mut buf) => {
                     let Ok((n, from)) = r else { continue };
-                    let next = flows.len() as u32 + 1;
-                    let flow = *flows.entry(from).or_insert(next);
+                    let entry = flows.entry(from).or_insert_with(|| (NEXT_FLOW.fetch_add(1, Ordering::Relaxed), Instant::now()));
+                    entry.1 = Instant::now();
+                    let flow = entry.0;
                     peers.insert(flow, from);
                     let ev = Event::UdpIn { service: fwd.service.clone(), flow, data: buf[..n].to_vec() };
                     if events.send(ev).is_err() {

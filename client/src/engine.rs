@@ -144,7 +144,9 @@ pub struct Engine {
     waiting: HashMap<String, Vec<(TcpStream, Instant)>>,
     /// Agent: UDP datagrams waiting for their service's tunnel (a few, then dropped).
     waiting_udp: HashMap<String, Vec<(u32, Vec<u8>)>>,
-    udp_return: HashMap<String, mpsc::Sender<(u32, Vec<u8>)>>,
+    /// Agent: the UDP forwards of each service; flow ids are unique across forwards, and
+    /// each forward ignores replies for flows it does not own.
+    udp_return: HashMap<String, Vec<mpsc::Sender<(u32, Vec<u8>)>>>,
     flows: HashMap<FlowKey, Flow>,
     udp_flows: HashMap<(SessionId, u32), UdpFlow>,
     rxbuf: Vec<u8>,
@@ -255,7 +257,9 @@ impl Engine {
             }
         };
         let info = client.info.clone().ok_or_else(|| anyhow::anyhow!("no relay info"))?;
-        if let Role::Agent { services } = &self.cfg.role {
+        if let Role::Agent { services } = &self.cfg.role
+            && !self.ever_connected
+        {
             let denied: Vec<&String> = services.iter().filter(|s| !info.services.contains(s)).collect();
             if !denied.is_empty() {
                 let list = denied.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
@@ -277,6 +281,12 @@ impl Engine {
         }
         self.socket = Some(socket);
         self.control = Some(core);
+        // Local flows that arrived while we were away get their sessions now.
+        let mut wanted: Vec<String> = self.waiting.keys().chain(self.waiting_udp.keys()).cloned().collect();
+        wanted.dedup();
+        for service in wanted {
+            self.request_session(&service);
+        }
         for (data, from) in early_frames {
             let n = data.len().min(self.rxbuf.len());
             self.rxbuf[..n].copy_from_slice(&data[..n]);
@@ -297,10 +307,8 @@ impl Engine {
         self.offers.clear();
         self.requests.clear();
         self.service_sessions.clear();
-        for (_, streams) in self.waiting.drain() {
-            drop(streams);
-        }
-        self.waiting_udp.clear();
+        // Local connections waiting for a tunnel keep waiting (up to TUNNEL_WAIT): the
+        // reconnect asks for their sessions again.
         let delay = self.backoff.next_delay();
         self.reconnect_at = Some(Instant::now() + delay);
         self.metrics.set_path(None);
@@ -345,7 +353,9 @@ impl Engine {
                     // Nothing will serve these connections: reset them now, not at a timeout.
                     tracing::error!(%service, %code, "relay refused the session: {message}");
                     eprintln!("relay refused a session to {service:?}: {message} ({code})");
-                    self.waiting.remove(&service);
+                    for (stream, _) in self.waiting.remove(&service).unwrap_or_default() {
+                        flows::reset_local(stream);
+                    }
                     self.waiting_udp.remove(&service);
                 } else if code == ErrorCode::NotAuthorized || code == ErrorCode::UnknownService {
                     eprintln!("relay: {message} ({code})");
@@ -638,8 +648,8 @@ impl Engine {
             let service = t.service.clone();
             match &self.cfg.role {
                 Role::Agent { .. } => {
-                    if let Some(tx) = self.udp_return.get(&service) {
-                        let _ = tx.try_send((flow, data));
+                    for tx in self.udp_return.get(&service).into_iter().flatten() {
+                        let _ = tx.try_send((flow, data.clone()));
                     }
                 }
                 Role::Connector { backends } => {
@@ -688,7 +698,7 @@ impl Engine {
                 }
             },
             Event::UdpReturn { service, tx } => {
-                self.udp_return.insert(service, tx);
+                self.udp_return.entry(service).or_default().push(tx);
             }
             Event::Flow(fe) => self.on_flow_event(fe),
             Event::BackendReady { key, stream } => {
@@ -754,6 +764,15 @@ impl Engine {
     fn close_tunnel(&mut self, session: SessionId, why: &str) {
         let Some(mut t) = self.tunnels.remove(&session) else { return };
         let _ = t.conn.close(true, 0, why.as_bytes());
+        // The tunnel leaves the table now, so its CONNECTION_CLOSE goes out right here.
+        if let Some(socket) = &self.socket {
+            while let Some((n, to)) = t.poll_transmit(&mut self.txbuf) {
+                let _ = socket.try_send_to(&self.txbuf[..n], to);
+            }
+        }
+        if let Some(core) = &mut self.control {
+            let _ = core.send(&Message::CloseSession { session });
+        }
         if self.service_sessions.get(&t.service) == Some(&session) {
             self.service_sessions.remove(&t.service);
         }
@@ -793,8 +812,13 @@ impl Engine {
             if let Some(core) = &self.control
                 && core.is_closed()
             {
-                let why = core.closed_error().to_string();
-                self.disconnected(&why);
+                let err = core.closed_error();
+                if let ClientError::ClosedByRelay { code, .. } = &err
+                    && ztna_proto::control::close_code::is_permanent(*code)
+                {
+                    bail!("{err}");
+                }
+                self.disconnected(&err.to_string());
             }
         }
         let sessions: Vec<SessionId> = self.tunnels.keys().copied().collect();
@@ -812,7 +836,10 @@ impl Engine {
         }
         // Local connections that waited too long for a tunnel are reset.
         for streams in self.waiting.values_mut() {
-            streams.retain(|(_, since)| now.saturating_duration_since(*since) < TUNNEL_WAIT);
+            let (keep, expired): (Vec<_>, Vec<_>) =
+                streams.drain(..).partition(|(_, since)| now.saturating_duration_since(*since) < TUNNEL_WAIT);
+            *streams = keep;
+            expired.into_iter().for_each(|(stream, _)| flows::reset_local(stream));
         }
         self.udp_flows.retain(|_, f| now.saturating_duration_since(f.last_active) < UDP_FLOW_IDLE);
         Ok(())
@@ -841,9 +868,13 @@ async fn udp_backend(
     mut rx: mpsc::Receiver<Vec<u8>>,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let bind = if addr.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" };
+    let Some(target) = tokio::net::lookup_host(&addr).await.ok().and_then(|mut a| a.next()) else {
+        tracing::warn!(%addr, "cannot resolve UDP backend");
+        return;
+    };
+    let bind: SocketAddr = if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
     let Ok(sock) = UdpSocket::bind(bind).await else { return };
-    if sock.connect(&addr).await.is_err() {
+    if sock.connect(target).await.is_err() {
         tracing::warn!(%addr, "cannot reach UDP backend");
         return;
     }

@@ -128,3 +128,10 @@ async fn write_loop(
         let _ = events.send(crate::engine::Event::Flow(FlowEvent::Drained(key)));
     }
 }
+
+/// Closes a local TCP connection with RST, so its application sees a reset, not an orderly end.
+pub fn reset_local(stream: tokio::net::TcpStream) {
+    // Linger 0 never blocks (the deprecation is about non-zero values).
+    #[allow(deprecated)]
+    let _ = stream.set_linger(Some(Duration::ZERO));
+}

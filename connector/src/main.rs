@@ -69,7 +69,12 @@ async fn run(cli: Cli) -> Result<()> {
         Some(a) => Some(ztna_metrics_http::Endpoint::start(a, metrics.clone())?),
         None => None,
     };
-    let backends: HashMap<String, Backend> = services.into_iter().map(|s| (s.name, s.backend)).collect();
+    let mut backends: HashMap<String, Backend> = HashMap::new();
+    for s in services {
+        if backends.insert(s.name.clone(), s.backend).is_some() {
+            bail!("--service {:?} is given twice", s.name);
+        }
+    }
     let cfg = EngineConfig {
         relay: addr,
         server_name,

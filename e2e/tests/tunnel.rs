@@ -362,3 +362,15 @@ async fn a_slow_reader_stalls_the_sender_and_memory_stays_bounded() {
     assert!(max_agent < RSS_BOUND_KIB, "agent peak RSS {max_agent} KiB");
     assert!(max_connector < RSS_BOUND_KIB, "connector peak RSS {max_connector} KiB");
 }
+
+#[test]
+fn an_agent_removed_from_the_policy_stops_instead_of_retrying() {
+    let pki = Pki::new("revoke");
+    let relay = Relay::start(&pki, 1, &[]);
+    let mut alice = ClientProc::agent(&pki, relay.addr_v4(), "alice", &["-L", &format!("{}:web", free_tcp_port())]);
+    alice.wait_log("connected to the relay", Duration::from_secs(10));
+    pki.set_policy("[services.web]\nagents = [\"ztna://agent/bob\"]\nconnectors = [\"ztna://connector/web-1\"]\n");
+    relay.signal(ztna_e2e::SIGHUP);
+    assert_eq!(alice.wait_exit(Duration::from_secs(10)), Some(1), "{}", alice.log_text());
+    assert!(alice.log_text().contains("ztna://agent/alice is no longer in the relay's policy"), "{}", alice.log_text());
+}
