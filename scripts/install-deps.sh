@@ -11,6 +11,7 @@ ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v g++ >/dev/null || need+=(g++)
 command -v curl >/dev/null || need+=(curl)
+command -v ethtool >/dev/null || need+=(ethtool)
 
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"
