@@ -107,6 +107,11 @@ impl Relay {
 
     /// Like [`start`](Self::start) on a given UDP port (to restart a relay in place).
     pub fn start_on(pki: &Pki, port: u16, workers: usize, extra: &[&str]) -> Relay {
+        Relay::start_with_env(pki, port, workers, extra, &[])
+    }
+
+    /// Like [`start_on`](Self::start_on) with extra environment variables for the relay.
+    pub fn start_with_env(pki: &Pki, port: u16, workers: usize, extra: &[&str], env: &[(&str, &Path)]) -> Relay {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let log = pki.path().join(format!("relay-{port}.log"));
         let log_file = std::fs::File::create(&log).expect("relay log");
@@ -128,6 +133,7 @@ impl Relay {
             .arg(d.join("policy.toml"))
             .arg("--no-pin")
             .args(extra)
+            .envs(env.iter().copied())
             .env("ZTNA_LOG", std::env::var("ZTNA_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(log_file)
