@@ -96,6 +96,20 @@ pub fn source_ip_for(dest: SocketAddr) -> std::io::Result<std::net::IpAddr> {
 /// The control connection's protocol state, without I/O: the quiche connection, the
 /// control stream's reassembly and outbox, received messages and the latest QAD report.
 /// [`ControlClient`] drives it inline; the tunnel engine drives it from its event loop.
+/// Socket buffers a client asks for: one socket carries the control connection and every
+/// tunnel, so bursts of a fast flow must not overflow it.
+pub const CLIENT_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Binds the client's one UDP socket, with large buffers.
+pub fn bind_client_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    ztna_sockopt::grow_buffers(&sock, CLIENT_SOCKET_BUFFER);
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    UdpSocket::from_std(sock.into())
+}
+
 pub struct ControlCore {
     conn: quiche::Connection,
     relay: SocketAddr,
@@ -282,7 +296,7 @@ impl ControlClient {
         software: &str,
         timeout: Duration,
     ) -> Result<ControlClient, ClientError> {
-        let socket = UdpSocket::bind(SocketAddr::new(source_ip_for(relay)?, 0)).await?;
+        let socket = bind_client_socket(SocketAddr::new(source_ip_for(relay)?, 0))?;
         Self::connect_on(socket, relay, server_name, tls, software, timeout).await
     }
 

@@ -35,6 +35,12 @@ pub const UDP_FLOW_HEADER: usize = 4;
 pub const UDP_FLOW_IDLE: Duration = Duration::from_secs(60);
 const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_DATAGRAM: usize = 2048;
+/// Datagrams taken from the socket per wake-up before servicing timers and sending.
+const RECV_BATCH: usize = 64;
+/// Tunnel packets that arrive before their session offer (the offer and the first packet
+/// race through the relay) are held briefly, a few per session.
+const EARLY_FRAMES_PER_SESSION: usize = 8;
+const EARLY_SESSIONS: usize = 64;
 /// How long a local connection may wait for its tunnel before it is reset.
 const TUNNEL_WAIT: Duration = Duration::from_secs(10);
 
@@ -136,6 +142,8 @@ pub struct Engine {
     tunnel_config_server: quiche::Config,
     tunnels: HashMap<SessionId, Tunnel>,
     offers: HashMap<SessionId, Offer>,
+    /// Connector: tunnel packets that arrived before their offer, with when the first came.
+    early: HashMap<SessionId, (Instant, Vec<Vec<u8>>)>,
     /// Agent: the tunnel serving each service, and Connect requests in flight.
     service_sessions: HashMap<String, SessionId>,
     requests: HashMap<u32, String>,
@@ -172,6 +180,7 @@ impl Engine {
             registered: false,
             tunnels: HashMap::new(),
             offers: HashMap::new(),
+            early: HashMap::new(),
             service_sessions: HashMap::new(),
             requests: HashMap::new(),
             next_request: 1,
@@ -223,7 +232,18 @@ impl Engine {
                 }
             };
             match wake {
-                Wake::Datagram(Ok((n, from))) => self.on_datagram(n, ztna_proto::addr::canonical(from)),
+                Wake::Datagram(Ok((n, from))) => {
+                    self.on_datagram(n, ztna_proto::addr::canonical(from));
+                    // Take whatever else is queued before timers and sends: one round of
+                    // acknowledgements and window updates per batch, not per datagram.
+                    for _ in 0..RECV_BATCH {
+                        let Some(socket) = &self.socket else { break };
+                        match socket.try_recv_from(&mut self.rxbuf) {
+                            Ok((n, from)) => self.on_datagram(n, ztna_proto::addr::canonical(from)),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 Wake::Datagram(Err(e)) => tracing::debug!(error = %e, "socket receive error"),
                 Wake::Event(Some(ev)) => self.on_event(ev)?,
                 Wake::Event(None) => return Ok(()),
@@ -341,6 +361,12 @@ impl Engine {
                 Role::Connector { .. } => {
                     tracing::info!(%session, %service, agent = %peer_identity, "session offered");
                     self.offers.insert(session, Offer { service, agent: peer_identity });
+                    let relay = self.cfg.relay;
+                    for frame in self.early.remove(&session).map(|q| q.1).unwrap_or_default() {
+                        let n = frame.len().min(self.rxbuf.len());
+                        self.rxbuf[..n].copy_from_slice(&frame[..n]);
+                        self.on_datagram(n, relay);
+                    }
                 }
             },
             Message::SessionClosed { session, reason } => {
@@ -385,7 +411,18 @@ impl Engine {
         let payload = &mut self.rxbuf[frame::DATA_HEADER_LEN..n];
         if !self.tunnels.contains_key(&session) {
             // Connector: the first packet of an offered session starts its tunnel.
-            let Some(offer) = self.offers.remove(&session) else { return };
+            let Some(offer) = self.offers.remove(&session) else {
+                // Maybe the offer is still on its way: keep the packet for a moment.
+                if matches!(self.cfg.role, Role::Connector { .. })
+                    && (self.early.len() < EARLY_SESSIONS || self.early.contains_key(&session))
+                {
+                    let q = self.early.entry(session).or_insert_with(|| (Instant::now(), Vec::new()));
+                    if q.1.len() < EARLY_FRAMES_PER_SESSION {
+                        q.1.push(self.rxbuf[..n].to_vec());
+                    }
+                }
+                return;
+            };
             let path = PathLayer::via_relay(session, self.cfg.relay);
             match Tunnel::accept(session, offer.service, offer.agent, path, &mut self.tunnel_config_server) {
                 Ok(t) => {
@@ -842,6 +879,7 @@ impl Engine {
             expired.into_iter().for_each(|(stream, _)| flows::reset_local(stream));
         }
         self.udp_flows.retain(|_, f| now.saturating_duration_since(f.last_active) < UDP_FLOW_IDLE);
+        self.early.retain(|_, (since, _)| now.saturating_duration_since(*since) < Duration::from_secs(2));
         Ok(())
     }
 

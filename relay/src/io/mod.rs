@@ -15,6 +15,9 @@ pub const MAX_DATAGRAM: usize = 2048;
 /// Datagrams per recvmmsg/sendmmsg call.
 pub const BATCH: usize = 64;
 
+/// Socket buffer size each worker asks for: it absorbs bursts between two batches.
+pub const SOCKET_BUFFER: usize = 8 << 20;
+
 /// Binds one worker's socket: non-blocking, `SO_REUSEPORT`, dual-stack when `addr` is `[::]`.
 pub fn bind_worker_socket(addr: SocketAddr) -> Result<UdpSocket> {
     let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
@@ -25,9 +28,7 @@ pub fn bind_worker_socket(addr: SocketAddr) -> Result<UdpSocket> {
     }
     sock.set_reuse_port(true).context("setting SO_REUSEPORT")?;
     sock.set_nonblocking(true)?;
-    // Large buffers absorb bursts between two batches; the kernel caps them at rmem_max.
-    let _ = sock.set_recv_buffer_size(8 << 20);
-    let _ = sock.set_send_buffer_size(8 << 20);
+    ztna_sockopt::grow_buffers(&sock, SOCKET_BUFFER);
     sock.bind(&addr.into()).with_context(|| format!("binding UDP {addr}"))?;
     Ok(sock.into())
 }
