@@ -182,3 +182,117 @@ fn the_relay_trusts_its_ca_file_and_nothing_else() {
     assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(relay.wait_metric("ztna_relay_auth_failures_total", &[("reason", "tls_handshake")], 1.0), 1.0);
 }
+
+#[test]
+fn identity_not_in_policy_is_refused_with_the_reason() {
+    let pki = Pki::new("policy");
+    let relay = Relay::start(&pki, 1, &[]);
+    let out = agent_check(&pki, relay.addr_v4(), "mallory", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("ztna://agent/mallory is not allowed by the relay's policy"), "{stderr}");
+    assert_eq!(relay.wait_metric("ztna_relay_auth_failures_total", &[("reason", "not_in_policy")], 1.0), 1.0);
+    // Connectors too.
+    let out = std::process::Command::new(ztna_e2e::bin("ztna-connector"))
+        .args(["--relay", &relay.addr_v4().to_string(), "--name", "web-1", "--service", "db=127.0.0.1:1", "--run-for", "1"])
+        .arg("--pki-dir")
+        .arg(pki.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a connector that may serve nothing must fail");
+    assert!(stderr.contains("may not serve \"db\""), "{stderr}");
+}
+
+#[tokio::test]
+async fn rate_limit_on_new_handshakes_per_source_ip() {
+    let pki = Pki::new("ratelimit");
+    let relay = Relay::start(&pki, 1, &["--handshake-rate", "0.1", "--handshake-burst", "2"]);
+    let mut ok = 0;
+    let mut limited = 0;
+    for _ in 0..4 {
+        match ControlClient::connect(relay.addr_v4(), None, &pki.tls("agent", "alice"), "e2e", Duration::from_millis(800)).await {
+            Ok(c) => {
+                ok += 1;
+                c.close().await;
+            }
+            Err(ClientError::Timeout(..)) => limited += 1,
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert_eq!((ok, limited), (2, 2));
+    assert!(relay.metric("ztna_relay_dropped_total", &[("reason", "rate_limited")]) >= 2.0);
+}
+
+#[tokio::test]
+async fn sighup_applies_a_new_policy_and_sigterm_drains() {
+    let pki = Pki::new("signals");
+    let mut relay = Relay::start(&pki, 2, &[]);
+    let mut web = connect(&pki, relay.addr_v4(), "connector", "web-1").await.unwrap();
+    web.send(&Message::Register { services: vec!["web".into()] }).unwrap();
+    expect(&mut web, "registered", |m| matches!(m, Message::Registered { .. })).await;
+    let mut alice = connect(&pki, relay.addr_v4(), "agent", "alice").await.unwrap();
+    alice.send(&Message::Connect { request_id: 1, service: "web".into() }).unwrap();
+    let Message::SessionOffer { session, .. } =
+        expect(&mut alice, "offer", |m| matches!(m, Message::SessionOffer { .. })).await
+    else {
+        unreachable!()
+    };
+
+    // Bob now reaches web instead of alice; alice stays known through db.
+    pki.set_policy(
+        r#"
+[services.web]
+agents = ["ztna://agent/bob"]
+connectors = ["ztna://connector/web-1"]
+[services.db]
+agents = ["ztna://agent/alice"]
+connectors = ["ztna://connector/db-1"]
+"#,
+    );
+    relay.signal(ztna_e2e::SIGHUP);
+    let closed = expect(&mut alice, "revoked", |m| matches!(m, Message::SessionClosed { .. })).await;
+    assert_eq!(closed, Message::SessionClosed { session, reason: ErrorCode::NotAuthorized });
+    expect(&mut web, "connector told", |m| matches!(m, Message::SessionClosed { .. })).await;
+    assert_eq!(relay.metric("ztna_relay_config_reloads_total", &[("reason", "ok")]), 1.0);
+
+    // A broken policy is refused and the running one kept.
+    pki.set_policy("[services.web]\nagents = [\"not-a-uri\"]\n");
+    relay.signal(ztna_e2e::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(relay.metric("ztna_relay_config_reloads_total", &[("reason", "failed")]), 1.0);
+    alice.send(&Message::Ping { nonce: 5 }).unwrap();
+    expect(&mut alice, "pong", |m| matches!(m, Message::Pong { nonce: 5 })).await;
+
+    // SIGTERM: clients are told, the process exits cleanly within the drain timeout.
+    relay.signal(ztna_e2e::SIGTERM);
+    let err = alice.next_message(T).await;
+    let err = loop {
+        match err {
+            Err(e) => break e,
+            Ok(_) => match alice.next_message(T).await {
+                Err(e) => break e,
+                Ok(_) => continue,
+            },
+        }
+    };
+    assert!(matches!(&err, ClientError::ClosedByRelay { reason, .. } if reason == "relay shutting down"), "{err}");
+    assert_eq!(relay.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[tokio::test]
+async fn idle_sessions_expire_and_both_sides_are_told() {
+    let pki = Pki::new("idle");
+    let relay = Relay::start(&pki, 1, &["--session-idle-timeout", "1"]);
+    let mut web = connect(&pki, relay.addr_v4(), "connector", "web-1").await.unwrap();
+    web.send(&Message::Register { services: vec!["web".into()] }).unwrap();
+    expect(&mut web, "registered", |m| matches!(m, Message::Registered { .. })).await;
+    let mut alice = connect(&pki, relay.addr_v4(), "agent", "alice").await.unwrap();
+    alice.send(&Message::Connect { request_id: 1, service: "web".into() }).unwrap();
+    expect(&mut alice, "offer", |m| matches!(m, Message::SessionOffer { .. })).await;
+    let m = expect(&mut alice, "expiry", |m| matches!(m, Message::SessionClosed { .. })).await;
+    assert!(matches!(m, Message::SessionClosed { reason: ErrorCode::IdleTimeout, .. }));
+    expect(&mut web, "expiry", |m| matches!(m, Message::SessionClosed { reason: ErrorCode::IdleTimeout, .. })).await;
+    assert_eq!(relay.metric("ztna_relay_sessions_closed_total", &[("reason", "idle_timeout")]), 1.0);
+    assert_eq!(relay.metric("ztna_relay_sessions_active", &[]), 0.0);
+}
