@@ -374,3 +374,28 @@ fn an_agent_removed_from_the_policy_stops_instead_of_retrying() {
     assert_eq!(alice.wait_exit(Duration::from_secs(10)), Some(1), "{}", alice.log_text());
     assert!(alice.log_text().contains("ztna://agent/alice is no longer in the relay's policy"), "{}", alice.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_by_the_local_application_resets_the_backend_connection() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let first = s.read(&mut buf).await.map(|n| buf[..n].to_vec());
+        let then = s.read(&mut buf).await;
+        let _ = seen_tx.send((first.ok(), then.map_err(|e| e.kind())));
+    });
+    let s = setup(backend, &[]).await;
+    let mut c = TcpStream::connect(s.local).await.unwrap();
+    c.write_all(b"partial request").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Close with RST: linger 0 (never blocks).
+    #[allow(deprecated)]
+    c.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(c);
+    let (first, then) = tokio::time::timeout(Duration::from_secs(5), seen_rx).await.unwrap().unwrap();
+    assert_eq!(first.as_deref(), Some(&b"partial request"[..]));
+    assert_eq!(then, Err(std::io::ErrorKind::ConnectionReset), "the backend must see a reset, not an orderly close");
+}
