@@ -5,8 +5,10 @@
 
 mod handshakes;
 mod idle_rss;
+mod procs;
 mod standard;
 mod sys;
+mod tunnel;
 
 use std::path::Path;
 
@@ -22,32 +24,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
-    /// Let the client side load the system CA bundle on every connect, as quiche does by
-    /// default (about 6 ms of CPU per connection, which starves the relay of CPU on small
-    /// machines). Without this flag the load generator sets SSL_CERT_FILE=/dev/null for
-    /// itself: clients then trust only the private CA they load explicitly.
-    #[arg(long, global = true)]
-    system_roots: bool,
 }
 
-/// The caller's SSL_CERT_FILE, before this process changed its own (children get it back).
-static ORIGINAL_SSL_CERT_FILE: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
-
-/// Gives a child process the caller's SSL_CERT_FILE, not the load generator's.
-pub fn restore_ssl_cert_file(cmd: &mut std::process::Command) {
-    match ORIGINAL_SSL_CERT_FILE.get().cloned().flatten() {
-        Some(v) => cmd.env("SSL_CERT_FILE", v),
-        None => cmd.env_remove("SSL_CERT_FILE"),
-    };
-}
-
-/// How the load generator's clients build their trust store (for reports).
+/// How the load generator's clients build their trust store (for reports). The client library
+/// builds every quiche config on an empty trust store and loads only the deployment CA.
 pub fn client_trust_store() -> &'static str {
-    if std::env::var_os("SSL_CERT_FILE").is_some_and(|v| v == "/dev/null") {
-        "private CA only (SSL_CERT_FILE=/dev/null: the system CA bundle is not loaded per connect)"
-    } else {
-        "system CA bundle loaded per connect (quiche default) plus the private CA"
-    }
+    "private CA only (the client library starts every quiche config from an empty trust store)"
 }
 
 #[derive(Subcommand)]
@@ -56,7 +38,10 @@ enum Cmd {
     Handshakes(handshakes::HandshakeArgs),
     /// Relay resident memory per idle control connection.
     IdleRss(idle_rss::IdleRssArgs),
-    /// The standard control-plane set against a relay it starts on loopback; rewrites docs/BENCHMARKS.md.
+    /// End-to-end tunnel throughput and added latency (relay, connector, agent started on loopback).
+    Tunnel(tunnel::TunnelArgs),
+    /// The standard set (control plane and tunnel) against processes it starts on loopback;
+    /// rewrites docs/BENCHMARKS.md.
     Standard(standard::StandardArgs),
 }
 
@@ -81,6 +66,15 @@ async fn run(cmd: Cmd) -> Result<()> {
             idle_rss::print(&r);
             write_json(a.json.as_deref(), &r)
         }
+        Cmd::Tunnel(a) => {
+            let r = tunnel::run(&a).await?;
+            tunnel::print(&r);
+            if let Some(out) = &a.out {
+                tunnel::write_section(out, &r)?;
+                println!("-- wrote the tunnel section of {}", out.display());
+            }
+            write_json(a.json.as_deref(), &r)
+        }
         Cmd::Standard(a) => {
             let r = standard::run(&a).await?;
             write_json(a.json.as_deref(), &r)
@@ -96,11 +90,6 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let _ = ORIGINAL_SSL_CERT_FILE.set(std::env::var_os("SSL_CERT_FILE"));
-    if !cli.system_roots {
-        // SAFETY: still single-threaded here (no runtime, no threads spawned yet).
-        unsafe { std::env::set_var("SSL_CERT_FILE", "/dev/null") };
-    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

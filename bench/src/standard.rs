@@ -1,11 +1,11 @@
-//! `ztna-bench standard`: the control-plane benchmark set, run side by side in one go against
-//! a relay this command starts itself on loopback, with the results written into
-//! docs/BENCHMARKS.md between markers.
+//! `ztna-bench standard`: the standard benchmark set, run in one go against processes this
+//! command starts itself on loopback (control plane: relays; tunnel: relay, connector, agent),
+//! with the results written into docs/BENCHMARKS.md between markers.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -13,15 +13,17 @@ use serde::Serialize;
 
 use crate::handshakes::{self, ClientArgs, HandshakeArgs, HandshakeReport};
 use crate::idle_rss::{self, IdleRssArgs, IdleRssReport};
+use crate::procs::{self, ChildGuard, TempDir};
 use crate::sys::{self, Machine};
+use crate::tunnel::{self, TunnelArgs, TunnelReport};
 
 pub const BEGIN: &str = "<!-- bench:control-plane:begin -->";
 pub const END: &str = "<!-- bench:control-plane:end -->";
-const BUILD: &str = "cargo build --release -p ztna-relay -p ztna-bench";
+pub const HEADING: &str = "## Control plane";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StandardArgs {
-    /// Markdown file whose control-plane section is rewritten (created if missing).
+    /// Markdown file whose control-plane and tunnel sections are rewritten (created if missing).
     #[arg(long, default_value = "docs/BENCHMARKS.md")]
     pub out: PathBuf,
     /// Seconds per handshake-throughput run.
@@ -36,7 +38,14 @@ pub struct StandardArgs {
     /// Idle control connections held for the RSS measurement.
     #[arg(long, default_value_t = 1000)]
     pub connections: usize,
-    /// The relay binary (default: `ztna-relay` next to this executable).
+    /// Seconds of each tunnel throughput run (direct and tunnel alternate, twice each).
+    #[arg(long, default_value_t = 10.0)]
+    pub tunnel_seconds: f64,
+    /// Request/response exchanges measured per path in the tunnel latency run.
+    #[arg(long, default_value_t = 10_000)]
+    pub tunnel_exchanges: usize,
+    /// The relay binary (default: `ztna-relay` next to this executable); agent and connector
+    /// are always taken from next to this executable.
     #[arg(long)]
     pub relay_bin: Option<PathBuf>,
     /// ZTNA_LOG level of the relay under test.
@@ -65,6 +74,8 @@ pub struct RelayRun {
 #[derive(Debug, Clone, Serialize)]
 pub struct StandardReport {
     pub date: String,
+    /// The workspace's git commit when measured.
+    pub revision: String,
     pub machine: Machine,
     pub command: String,
     pub relay_args: String,
@@ -75,138 +86,44 @@ pub struct StandardReport {
     pub latency_no_retry: Option<HandshakeReport>,
     pub idle_rss: IdleRssReport,
     pub relay_runs: Vec<RelayRun>,
+    pub tunnel: TunnelReport,
 }
 
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<TempDir> {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-        let p = std::env::temp_dir().join(format!("ztna-bench-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
-        Ok(TempDir(p))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The relay child process: SIGTERM (then SIGKILL) when dropped, so it never outlives us.
-struct RelayGuard {
-    child: Option<Child>,
-    listen: SocketAddr,
-    admin: SocketAddr,
-    log: PathBuf,
-    retry: bool,
-}
-
-fn signal(child: &Child, sig: libc::c_int) {
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, sig);
-    }
-}
-
-/// Waits for the child to exit, up to `limit`.
-fn wait_for(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let end = Instant::now() + limit;
-    loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            return Some(st);
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn log_tail(log: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+/// A relay child process: stopped (SIGTERM, then SIGKILL) when dropped, so it never outlives us.
+pub struct RelayGuard {
+    pub proc: ChildGuard,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub retry: bool,
 }
 
 impl RelayGuard {
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or(0)
-    }
-
-    /// SIGTERM, wait for the drain, SIGKILL if it hangs. Returns how it ended and how long it took.
-    fn stop(&mut self) -> (String, f64) {
-        let Some(mut child) = self.child.take() else { return ("not running".into(), 0.0) };
-        let t = Instant::now();
-        if let Ok(Some(st)) = child.try_wait() {
-            return (format!("had already exited ({st})"), 0.0);
-        }
-        signal(&child, libc::SIGTERM);
-        let how = match wait_for(&mut child, Duration::from_secs(15)) {
-            Some(st) => format!("{st} after SIGTERM"),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                "did not stop within 15 s of SIGTERM: killed".to_string()
-            }
-        };
-        (how, t.elapsed().as_secs_f64())
-    }
-
-    fn warnings(&self) -> (Vec<String>, usize) {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let w: Vec<String> =
-            text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).map(|l| l.trim().to_string()).collect();
-        let n = w.len();
-        (w.into_iter().take(5).collect(), n)
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 }
 
-impl Drop for RelayGuard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(&child, libc::SIGTERM);
-            if wait_for(&mut child, Duration::from_secs(3)).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
+pub fn relay_bin(explicit: Option<&Path>) -> Result<PathBuf> {
+    procs::sibling_bin("ztna-relay", explicit)
 }
 
-/// A free loopback port (UDP and TCP are separate spaces; the caller binds soon after).
-fn free_port(udp: bool) -> Result<u16> {
-    let port = if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
-    };
-    Ok(port)
+/// `ztna-relay pki init` in `dir`: a CA, the relay's certificate, agent alice, connector web-1,
+/// and a policy letting alice reach service `web` served by web-1.
+pub fn pki_init(bin: &Path, dir: &Path) -> Result<()> {
+    let st = Command::new(bin)
+        .args(["pki", "init", "--dir"])
+        .arg(dir)
+        .args(["--agent", "alice", "--connector", "web-1"])
+        .stdout(Stdio::null())
+        .status()
+        .with_context(|| format!("running {} pki init", bin.display()))?;
+    if !st.success() {
+        bail!("`{} pki init` failed ({st})", bin.display());
+    }
+    Ok(())
 }
 
-fn relay_bin(args: &StandardArgs) -> Result<PathBuf> {
-    if let Some(p) = &args.relay_bin {
-        if !p.is_file() {
-            bail!("relay binary {} does not exist", p.display());
-        }
-        return Ok(p.clone());
-    }
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let dir = exe.parent().context("this executable has no parent directory")?;
-    let p = dir.join("ztna-relay");
-    if !p.is_file() {
-        bail!(
-            "the relay binary {} is missing: build it next to ztna-bench with `{BUILD}` \
-             (or pass --relay-bin)",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
-fn relay_flags(pki: &Path, retry: bool) -> Vec<String> {
+pub fn relay_flags(pki: &Path, retry: bool) -> Vec<String> {
     let p = |f: &str| pki.join(f).display().to_string();
     let mut v: Vec<String> = vec![
         "--workers".into(),
@@ -229,50 +146,38 @@ fn relay_flags(pki: &Path, retry: bool) -> Vec<String> {
     v
 }
 
-fn start_relay(bin: &Path, pki: &Path, tmp: &Path, retry: bool, log_level: &str, n: usize) -> Result<RelayGuard> {
-    let listen: SocketAddr = ([127, 0, 0, 1], free_port(true)?).into();
-    let admin: SocketAddr = ([127, 0, 0, 1], free_port(false)?).into();
-    let log = tmp.join(format!("relay-{n}.log"));
-    let out = std::fs::File::create(&log)?;
+pub fn start_relay(bin: &Path, pki: &Path, tmp: &Path, retry: bool, log_level: &str, n: usize) -> Result<RelayGuard> {
+    let listen: SocketAddr = ([127, 0, 0, 1], procs::free_port(true)?).into();
+    let admin: SocketAddr = ([127, 0, 0, 1], procs::free_port(false)?).into();
     let mut cmd = Command::new(bin);
-    crate::restore_ssl_cert_file(&mut cmd);
-    let child = cmd
-        .arg("--listen")
+    cmd.arg("--listen")
         .arg(listen.to_string())
         .arg("--admin")
         .arg(admin.to_string())
         .args(relay_flags(pki, retry))
-        .env("ZTNA_LOG", log_level)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let mut guard = RelayGuard { child: Some(child), listen, admin, log, retry };
+        .env("ZTNA_LOG", log_level);
+    let proc = ChildGuard::spawn("relay", cmd, tmp.join(format!("relay-{n}.log")))?;
+    let mut guard = RelayGuard { proc, listen, admin, retry };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(c) = guard.child.as_mut()
-            && let Ok(Some(st)) = c.try_wait()
-        {
-            bail!("the relay exited at start ({st}); its log:\n{}", log_tail(&guard.log, 20));
-        }
+        guard.proc.check_alive().context("the relay did not start")?;
         if sys::healthy(admin) {
             return Ok(guard);
         }
         if Instant::now() >= deadline {
             bail!(
                 "the relay did not become healthy on http://{admin}/healthz within 10 s; its log:\n{}",
-                log_tail(&guard.log, 20)
+                procs::log_tail(&guard.proc.log, 20)
             );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-fn finish(mut guard: RelayGuard, purpose: &str) -> RelayRun {
+pub fn finish(mut guard: RelayGuard, purpose: &str) -> RelayRun {
     let pid = guard.pid();
-    let (exit, stop_s) = guard.stop();
-    let (log_warnings, log_warning_count) = guard.warnings();
+    let (exit, stop_s) = guard.proc.stop(Duration::from_secs(15));
+    let (log_warnings, log_warning_count) = procs::log_warnings(&guard.proc.log, 5);
     println!("   relay (pid {pid}) stopped: {exit} in {stop_s:.2} s; {log_warning_count} WARN/ERROR log lines");
     for w in &log_warnings {
         println!("     {w}");
@@ -315,30 +220,19 @@ pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
     if args.concurrency == 0 || args.concurrency > 10_000 || args.connections == 0 || args.connections > 100_000 {
         bail!("--concurrency must be in 1..=10000 and --connections in 1..=100000");
     }
-    let bin = relay_bin(args)?;
+    let bin = relay_bin(args.relay_bin.as_deref())?;
+    // Fail now, not after the control-plane runs, if the tunnel's binaries are missing.
+    procs::sibling_bin("ztna-agent", None)?;
+    procs::sibling_bin("ztna-connector", None)?;
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.is_dir()
     {
-        bail!(
-            "{} does not exist: run from the workspace root or pass --out FILE",
-            dir.display()
-        );
+        bail!("{} does not exist: run from the workspace root or pass --out FILE", dir.display());
     }
     sys::raise_nofile_limit();
     let tmp = TempDir::new()?;
     let pki = tmp.0.join("pki");
-    let mut cmd = Command::new(&bin);
-    crate::restore_ssl_cert_file(&mut cmd);
-    let st = cmd
-        .args(["pki", "init", "--dir"])
-        .arg(&pki)
-        .args(["--agent", "alice", "--connector", "web-1"])
-        .stdout(Stdio::null())
-        .status()
-        .with_context(|| format!("running {} pki init", bin.display()))?;
-    if !st.success() {
-        bail!("`{} pki init` failed ({st})", bin.display());
-    }
+    pki_init(&bin, &pki)?;
 
     let mut runs = Vec::new();
     let mut results = Vec::new();
@@ -378,13 +272,30 @@ pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
     idle_rss::print(&idle);
     runs.push(finish(g, "idle-rss, Retry on"));
 
+    let tunnel_args = TunnelArgs {
+        seconds: args.tunnel_seconds,
+        rounds: 2,
+        exchanges: args.tunnel_exchanges,
+        warmup: 1000,
+        size: 64,
+        relay_bin: args.relay_bin.clone(),
+        agent_bin: None,
+        connector_bin: None,
+        relay_log: args.relay_log.clone(),
+        out: None,
+        json: None,
+    };
+    let tun = tunnel::run(&tunnel_args).await?;
+    tunnel::print(&tun);
+
     let mut it = results.into_iter();
     let (Some((thr_r, lat_r)), Some((thr_n, lat_n))) = (it.next(), it.next()) else { unreachable!() };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let report = StandardReport {
         date: sys::utc_now(),
+        revision: sys::git_revision(),
         machine: sys::machine(),
-        command: format!("{BUILD} && target/release/ztna-bench {}", argv.join(" ")),
+        command: format!("{} && target/release/ztna-bench {}", procs::BUILD, argv.join(" ")),
         relay_args: format!(
             "ztna-relay --listen 127.0.0.1:PORT --admin 127.0.0.1:PORT {} (ZTNA_LOG={})",
             relay_flags(Path::new("PKI"), true).join(" "),
@@ -397,9 +308,13 @@ pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
         latency_no_retry: lat_n,
         idle_rss: idle,
         relay_runs: runs,
+        tunnel: tun,
     };
-    write_markdown(&args.out, &render(&report, args))?;
-    println!("-- wrote the results section of {}", args.out.display());
+    write_markdown(
+        &args.out,
+        &[(BEGIN, END, HEADING, render(&report, args)), (tunnel::BEGIN, tunnel::END, tunnel::HEADING, tunnel::render(&report.tunnel))],
+    )?;
+    println!("-- wrote the control-plane and tunnel sections of {}", args.out.display());
     Ok(report)
 }
 
@@ -438,11 +353,11 @@ pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "Measured {} on {} ({} cores, {:.0} GiB), {}. Relay: the release build, 1 worker, unpinned, \
+        "Measured {} at commit {} on {} ({} cores, {:.0} GiB), {}. Relay: the release build, 1 worker, unpinned, \
          on 127.0.0.1, per-IP handshake limit raised out of the way, logging at `{}`; \
          load generator: `ztna-bench` (tokio, one UDP socket per connection, identity `agent/alice`) on the same machine; \
          client trust store: {}.",
-        r.date, m.cpu_model, m.cores, m.memory_gib, m.kernel, args.relay_log, r.client_trust_store
+        r.date, r.revision, m.cpu_model, m.cores, m.memory_gib, m.kernel, args.relay_log, r.client_trust_store
     );
     let _ = writeln!(s);
     let _ = writeln!(
@@ -549,7 +464,10 @@ pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
     }
     let _ = writeln!(s, "Relay command line: `{}`, plus `--no-retry` for the Retry-off run.", r.relay_args);
     let _ = writeln!(s);
-    let _ = writeln!(s, "Reproduce (from the workspace root; about a minute, loopback only, stops by itself):");
+    let _ = writeln!(
+        s,
+        "Reproduce (from the workspace root; about 80 s with the tunnel section below, loopback only, stops by itself):"
+    );
     let _ = writeln!(s);
     let _ = writeln!(s, "```sh\n{}\n```", r.command.trim_end());
     let _ = writeln!(s, "{END}");
@@ -561,22 +479,25 @@ Measured results for the relay, each section produced by a command in `bench/` (
 generator) and rewritten in place between its markers when that command runs again. Every run is on this \
 machine's loopback and bounded in time; see `bench/README.md` for the commands and what each one measures.\n";
 
-/// Replaces the delimited section in `path` (or appends it; creates the file with an intro).
-pub fn write_markdown(path: &Path, section: &str) -> Result<()> {
-    let old = match std::fs::read_to_string(path) {
+/// Replaces each delimited section in `path` (or appends it under its heading); creates the
+/// file with an intro if it is missing. `sections`: (begin marker, end marker, heading, text).
+pub fn write_markdown(path: &Path, sections: &[(&str, &str, &str, String)]) -> Result<()> {
+    let mut doc = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => INTRO.to_string(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let new = splice(&old, section);
-    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
+    for (begin, end, heading, section) in sections {
+        doc = splice(&doc, begin, end, heading, section);
+    }
+    std::fs::write(path, doc).with_context(|| format!("writing {}", path.display()))
 }
 
-fn splice(old: &str, section: &str) -> String {
-    if let (Some(b), Some(e)) = (old.find(BEGIN), old.find(END))
+fn splice(old: &str, begin: &str, end: &str, heading: &str, section: &str) -> String {
+    if let (Some(b), Some(e)) = (old.find(begin), old.find(end))
         && b < e
     {
-        let mut tail = &old[e + END.len()..];
+        let mut tail = &old[e + end.len()..];
         tail = tail.strip_prefix('\n').unwrap_or(tail);
         return format!("{}{}{}", &old[..b], section, tail);
     }
@@ -585,7 +506,8 @@ fn splice(old: &str, section: &str) -> String {
         out.push('\n');
     }
     out.push('\n');
-    out.push_str("## Control plane\n\n");
+    out.push_str(heading);
+    out.push_str("\n\n");
     out.push_str(section);
     out
 }
@@ -597,13 +519,19 @@ mod tests {
     #[test]
     fn splices_between_markers() {
         let section = format!("{BEGIN}\nnew\n{END}\n");
-        let appended = splice("# Benchmarks\n\nintro\n", &section);
+        let appended = splice("# Benchmarks\n\nintro\n", BEGIN, END, HEADING, &section);
         assert!(appended.starts_with("# Benchmarks\n\nintro\n\n## Control plane\n\n"));
         assert!(appended.ends_with(&section));
         let doc = format!("head\n{BEGIN}\nold\nstuff\n{END}\ntail\n");
-        assert_eq!(splice(&doc, &section), format!("head\n{BEGIN}\nnew\n{END}\ntail\n"));
+        assert_eq!(splice(&doc, BEGIN, END, HEADING, &section), format!("head\n{BEGIN}\nnew\n{END}\ntail\n"));
         // Idempotent.
-        let once = splice(&doc, &section);
-        assert_eq!(splice(&once, &section), once);
+        let once = splice(&doc, BEGIN, END, HEADING, &section);
+        assert_eq!(splice(&once, BEGIN, END, HEADING, &section), once);
+        // A second section lands after the first and leaves it alone.
+        let t = format!("{}\nt\n{}\n", tunnel::BEGIN, tunnel::END);
+        let both = splice(&once, tunnel::BEGIN, tunnel::END, tunnel::HEADING, &t);
+        assert!(both.starts_with(&once));
+        assert!(both.ends_with(&format!("{}\n\n{t}", tunnel::HEADING)));
+        assert_eq!(splice(&both, tunnel::BEGIN, tunnel::END, tunnel::HEADING, &t), both);
     }
 }

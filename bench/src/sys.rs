@@ -82,6 +82,74 @@ pub fn raise_nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
+/// The machine's UDP counters (all sockets, from /proc/net/snmp).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct UdpCounters {
+    pub in_datagrams: u64,
+    pub out_datagrams: u64,
+    /// Datagrams dropped because a socket's receive buffer was full.
+    pub rcvbuf_errors: u64,
+    pub sndbuf_errors: u64,
+}
+
+impl UdpCounters {
+    pub fn since(&self, before: &UdpCounters) -> UdpCounters {
+        UdpCounters {
+            in_datagrams: self.in_datagrams.saturating_sub(before.in_datagrams),
+            out_datagrams: self.out_datagrams.saturating_sub(before.out_datagrams),
+            rcvbuf_errors: self.rcvbuf_errors.saturating_sub(before.rcvbuf_errors),
+            sndbuf_errors: self.sndbuf_errors.saturating_sub(before.sndbuf_errors),
+        }
+    }
+}
+
+pub fn udp_counters() -> UdpCounters {
+    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else { return UdpCounters::default() };
+    let get = |key: &str| {
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == key)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0)
+    };
+    UdpCounters {
+        in_datagrams: get("InDatagrams"),
+        out_datagrams: get("OutDatagrams"),
+        rcvbuf_errors: get("RcvbufErrors"),
+        sndbuf_errors: get("SndbufErrors"),
+    }
+}
+
+/// Datagrams dropped by the UDP sockets `pid` holds (the `drops` column of /proc/net/udp and
+/// udp6: mostly a full receive buffer), summed over its sockets.
+pub fn udp_socket_drops(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut inodes = std::collections::HashSet::new();
+    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(e) = e else { continue };
+        if let Ok(t) = std::fs::read_link(e.path())
+            && let Some(i) = t.to_str().and_then(|t| t.strip_prefix("socket:[")).and_then(|t| t.strip_suffix(']'))
+        {
+            inodes.insert(i.to_string());
+        }
+    }
+    let mut drops = 0;
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+            if f.len() >= 13 && inodes.contains(f[9]) {
+                drops += f[12].parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Ok(drops)
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
     pub cpu_model: String,
@@ -117,6 +185,37 @@ fn uname() -> String {
         }
         let s = |f: &[libc::c_char]| std::ffi::CStr::from_ptr(f.as_ptr()).to_string_lossy().into_owned();
         format!("{} {} {}", s(&u.sysname), s(&u.release), s(&u.machine))
+    }
+}
+
+/// The workspace's git commit (short), with a note when the tree has uncommitted changes;
+/// "unknown" outside a git checkout.
+pub fn git_revision() -> String {
+    let run = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match run(&["rev-parse", "--short", "HEAD"]) {
+        Some(rev) if !rev.is_empty() => match run(&["status", "--porcelain"]) {
+            Some(st) if !st.is_empty() => {
+                // Which top-level directories the changes are in (`XY path` lines).
+                let mut dirs: Vec<&str> = st
+                    .lines()
+                    .filter_map(|l| l.get(3..))
+                    .map(|p| p.trim_matches('"').split('/').next().unwrap_or(p))
+                    .collect();
+                dirs.sort_unstable();
+                dirs.dedup();
+                format!("{rev} with uncommitted changes in {}", dirs.join(", "))
+            }
+            _ => rev,
+        },
+        _ => "unknown".to_string(),
     }
 }
 
@@ -272,5 +371,8 @@ mod tests {
         assert!(cpu_seconds(None).unwrap() >= 0.0);
         assert!(machine_busy_seconds().unwrap() > 0.0);
         assert!(utc_now().ends_with("UTC"));
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(udp_socket_drops(std::process::id()).unwrap(), 0);
+        drop(sock);
     }
 }

@@ -1,0 +1,1161 @@
+//! `ztna-bench tunnel`: what the end-to-end tunnel costs a TCP connection, measured side by
+//! side with a direct loopback connection in one run.
+//!
+//! It starts a relay (1 worker), a connector (`web-1`, service `web`) and an agent (`alice`,
+//! `-L 127.0.0.1:PORT:web`) from the release binaries next to this executable, with a temporary
+//! PKI, all on loopback, plus an in-process TCP backend. The first byte of every connection to
+//! the backend picks what it does: `S` sinks (reads and discards until EOF, then answers with the
+//! byte count as a big-endian u64), `E` echoes. Then:
+//!
+//! 1. throughput of one TCP stream: write as fast as possible for N seconds, direct and through
+//!    the tunnel alternately; the rate is the bytes the backend counted over the time from the
+//!    first write until its count came back (so bytes still buffered when the writer stops are
+//!    counted, and so is the time to deliver them);
+//! 2. request/response latency: 64-byte requests echoed by the backend, sequential, on one
+//!    connection per path, in alternating blocks after a warm-up.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::procs::{self, ChildGuard, TempDir};
+use crate::standard::{self, RelayGuard, RelayRun};
+use crate::sys::{self, Machine, UdpCounters};
+
+pub const BEGIN: &str = "<!-- bench:tunnel:begin -->";
+pub const END: &str = "<!-- bench:tunnel:end -->";
+pub const HEADING: &str = "## End-to-end tunnel";
+
+const MODE_SINK: u8 = b'S';
+const MODE_ECHO: u8 = b'E';
+/// The writer's buffer and the backend's read buffer.
+const IO_BUF: usize = 256 * 1024;
+/// Connecting through the agent may wait for the tunnel (the agent holds it up to 10 s).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// After the writer stops: how long the backend may take to receive the rest and answer.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// One request/response exchange.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Exchanges per path before switching to the other path.
+const BLOCK: usize = 500;
+const PROCESS_START_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TunnelArgs {
+    /// Seconds of each throughput run (direct and tunnel alternate, --rounds times each).
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Throughput runs per path: direct, tunnel, direct, tunnel, ...
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// Request/response exchanges measured per path.
+    #[arg(long, default_value_t = 10_000)]
+    pub exchanges: usize,
+    /// Exchanges per path before measuring.
+    #[arg(long, default_value_t = 1_000)]
+    pub warmup: usize,
+    /// Request (and response) size in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// The relay binary (default: `ztna-relay` next to this executable).
+    #[arg(long)]
+    pub relay_bin: Option<PathBuf>,
+    /// The agent binary (default: `ztna-agent` next to this executable).
+    #[arg(long)]
+    pub agent_bin: Option<PathBuf>,
+    /// The connector binary (default: `ztna-connector` next to this executable).
+    #[arg(long)]
+    pub connector_bin: Option<PathBuf>,
+    /// ZTNA_LOG level of the relay.
+    #[arg(long, default_value = "warn")]
+    pub relay_log: String,
+    /// Also rewrite the tunnel section (between its markers) of this Markdown file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// CPU seconds (utime + stime) of the processes in the tunnel's path.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PathCpu {
+    pub relay_s: f64,
+    pub agent_s: f64,
+    pub connector_s: f64,
+    /// This process: the writer or requester and the backend.
+    pub bench_s: f64,
+    /// The whole machine's busy time (all cores).
+    pub machine_busy_s: f64,
+}
+
+impl PathCpu {
+    fn since(&self, before: &PathCpu) -> PathCpu {
+        PathCpu {
+            relay_s: self.relay_s - before.relay_s,
+            agent_s: self.agent_s - before.agent_s,
+            connector_s: self.connector_s - before.connector_s,
+            bench_s: self.bench_s - before.bench_s,
+            machine_busy_s: self.machine_busy_s - before.machine_busy_s,
+        }
+    }
+
+    fn add(&mut self, o: &PathCpu) {
+        self.relay_s += o.relay_s;
+        self.agent_s += o.agent_s;
+        self.connector_s += o.connector_s;
+        self.bench_s += o.bench_s;
+        self.machine_busy_s += o.machine_busy_s;
+    }
+
+    /// Busy time not spent by the measured processes (other processes, interrupts).
+    pub fn other_s(&self) -> f64 {
+        (self.machine_busy_s - self.relay_s - self.agent_s - self.connector_s - self.bench_s).max(0.0)
+    }
+}
+
+/// Datagrams dropped at each process's UDP sockets (full receive buffer), over an interval.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct SocketDrops {
+    pub relay: u64,
+    pub agent: u64,
+    pub connector: u64,
+}
+
+impl SocketDrops {
+    fn since(&self, b: &SocketDrops) -> SocketDrops {
+        SocketDrops {
+            relay: self.relay.saturating_sub(b.relay),
+            agent: self.agent.saturating_sub(b.agent),
+            connector: self.connector.saturating_sub(b.connector),
+        }
+    }
+
+    fn add(&mut self, o: &SocketDrops) {
+        self.relay += o.relay;
+        self.agent += o.agent;
+        self.connector += o.connector;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pids {
+    relay: u32,
+    agent: u32,
+    connector: u32,
+}
+
+impl Pids {
+    fn cpu(&self) -> Result<PathCpu> {
+        Ok(PathCpu {
+            relay_s: sys::cpu_seconds(Some(self.relay))?,
+            agent_s: sys::cpu_seconds(Some(self.agent))?,
+            connector_s: sys::cpu_seconds(Some(self.connector))?,
+            bench_s: sys::cpu_seconds(None)?,
+            machine_busy_s: sys::machine_busy_seconds()?,
+        })
+    }
+
+    fn drops(&self) -> Result<SocketDrops> {
+        Ok(SocketDrops {
+            relay: sys::udp_socket_drops(self.relay)?,
+            agent: sys::udp_socket_drops(self.agent)?,
+            connector: sys::udp_socket_drops(self.connector)?,
+        })
+    }
+}
+
+/// The relay's own counters over an interval.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RelayData {
+    pub frames_forwarded: u64,
+    pub packets_received: u64,
+    pub packets_sent: u64,
+    pub received_bytes: u64,
+    /// Drops by reason (only reasons that moved).
+    pub dropped: std::collections::BTreeMap<String, u64>,
+}
+
+fn relay_data(before: &sys::Scrape, after: &sys::Scrape) -> RelayData {
+    let d = |name: &str| (after.sum(name, None) - before.sum(name, None)).max(0.0).round() as u64;
+    RelayData {
+        frames_forwarded: d("ztna_relay_frames_forwarded_total"),
+        packets_received: d("ztna_relay_packets_received_total"),
+        packets_sent: d("ztna_relay_packets_sent_total"),
+        received_bytes: d("ztna_relay_received_bytes_total"),
+        dropped: sys::counters_between(before, after).dropped,
+    }
+}
+
+impl RelayData {
+    fn add(&mut self, o: &RelayData) {
+        self.frames_forwarded += o.frames_forwarded;
+        self.packets_received += o.packets_received;
+        self.packets_sent += o.packets_sent;
+        self.received_bytes += o.received_bytes;
+        for (k, v) in &o.dropped {
+            *self.dropped.entry(k.clone()).or_insert(0) += v;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ThroughputRun {
+    /// `direct` or `tunnel`.
+    pub path: String,
+    pub round: usize,
+    /// Bytes the backend received (it reports its count at EOF); equal to `bytes_written`.
+    pub bytes: u64,
+    pub bytes_written: u64,
+    /// From the first write until the backend's count arrived.
+    pub elapsed_s: f64,
+    /// After the writer stopped: until the backend's count arrived (draining buffers).
+    pub drain_s: f64,
+    /// `bytes / elapsed_s`, MB = 10^6 bytes.
+    pub mb_per_s: f64,
+    /// Bytes the backend received in each whole second of the writing window, in MB/s.
+    pub per_second_mb: Vec<f64>,
+    pub cpu: PathCpu,
+    /// Tunnel runs: the relay's counters over the run.
+    pub relay: Option<RelayData>,
+    /// The machine's UDP counters over the run (all sockets).
+    pub udp: UdpCounters,
+    /// Tunnel runs: datagrams dropped at the relay's, agent's and connector's sockets.
+    pub socket_drops: Option<SocketDrops>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ThroughputSummary {
+    pub seconds: f64,
+    pub rounds: usize,
+    /// Bytes over time, all runs of a path together.
+    pub direct_mb_per_s: f64,
+    pub tunnel_mb_per_s: f64,
+    pub ratio: f64,
+    /// Slowest and fastest whole second of the tunnel runs.
+    pub tunnel_second_min_mb: f64,
+    pub tunnel_second_max_mb: f64,
+    /// Whole seconds of the tunnel runs in which the backend received nothing.
+    pub tunnel_stalled_seconds: usize,
+    pub tunnel_wall_s: f64,
+    /// CPU over all tunnel runs.
+    pub tunnel_cpu: PathCpu,
+    pub direct_wall_s: f64,
+    pub direct_cpu: PathCpu,
+    pub tunnel_relay: RelayData,
+    pub tunnel_udp: UdpCounters,
+    pub tunnel_socket_drops: SocketDrops,
+    pub runs: Vec<ThroughputRun>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyStats {
+    pub exchanges: u64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub min_us: f64,
+    pub mean_us: f64,
+}
+
+impl LatencyStats {
+    fn from_hist(h: &Histogram<u64>) -> LatencyStats {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        LatencyStats {
+            exchanges: h.len(),
+            p50_us: us(h.value_at_quantile(0.50)),
+            p90_us: us(h.value_at_quantile(0.90)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+            min_us: us(h.min()),
+            mean_us: h.mean() / 1000.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencySummary {
+    pub size: usize,
+    pub warmup: usize,
+    pub block: usize,
+    pub direct: LatencyStats,
+    pub tunnel: LatencyStats,
+    pub added_p50_us: f64,
+    pub added_p99_us: f64,
+    pub added_p999_us: f64,
+    /// Time spent in the tunnel blocks, and exchanges per second there.
+    pub tunnel_wall_s: f64,
+    pub tunnel_exchanges_per_s: f64,
+    /// CPU over the whole measured phase (the tunnel processes idle during the direct blocks).
+    pub cpu: PathCpu,
+    pub relay_cpu_us_per_exchange: f64,
+    pub agent_cpu_us_per_exchange: f64,
+    pub connector_cpu_us_per_exchange: f64,
+    pub relay: RelayData,
+    pub relay_frames_per_exchange: f64,
+    pub socket_drops: SocketDrops,
+}
+
+/// How a child process ended and what it logged.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcRun {
+    pub what: String,
+    pub pid: u32,
+    pub exit: String,
+    pub log_warnings: Vec<String>,
+    pub log_warning_count: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TunnelReport {
+    pub date: String,
+    /// The workspace's git commit when measured.
+    pub revision: String,
+    pub machine: Machine,
+    pub command: String,
+    pub relay_args: String,
+    pub agent_args: String,
+    pub connector_args: String,
+    /// From the first local connection to the agent until the first echo came back: session
+    /// request, tunnel handshake through the relay, backend connect, one round trip.
+    pub first_exchange_ms: f64,
+    /// DATA frames the relay forwarded during the first exchange (both directions).
+    pub first_exchange_relay_frames: u64,
+    pub throughput: ThroughputSummary,
+    pub latency: LatencySummary,
+    pub relay_run: RelayRun,
+    pub clients: Vec<ProcRun>,
+}
+
+// ---- the backend ---------------------------------------------------------------------------
+
+struct Backend {
+    addr: SocketAddr,
+    /// Bytes received by sink connections, all together (sampled for per-second rates).
+    sunk: Arc<AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn start_backend() -> Result<Backend> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the test backend")?;
+    let addr = listener.local_addr()?;
+    let sunk = Arc::new(AtomicU64::new(0));
+    let counter = sunk.clone();
+    let accept = tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((sock, _)) => {
+                    tokio::spawn(serve(sock, counter.clone()));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    });
+    Ok(Backend { addr, sunk, accept })
+}
+
+async fn serve(mut s: TcpStream, sunk: Arc<AtomicU64>) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut mode = [0u8; 1];
+    s.read_exact(&mut mode).await?;
+    let mut buf = vec![0u8; IO_BUF];
+    match mode[0] {
+        MODE_SINK => {
+            let mut total = 0u64;
+            loop {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                sunk.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            s.write_all(&total.to_be_bytes()).await?;
+            s.shutdown().await
+        }
+        MODE_ECHO => loop {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return s.shutdown().await;
+            }
+            s.write_all(&buf[..n]).await?;
+        },
+        _ => Ok(()),
+    }
+}
+
+async fn open(target: SocketAddr, mode: u8) -> Result<TcpStream> {
+    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to {target} timed out"))?
+        .with_context(|| format!("connecting to {target}"))?;
+    s.set_nodelay(true)?;
+    s.write_all(&[mode]).await?;
+    Ok(s)
+}
+
+// ---- throughput ----------------------------------------------------------------------------
+
+struct Measured {
+    bytes: u64,
+    written: u64,
+    elapsed: Duration,
+    drain: Duration,
+    per_second_mb: Vec<f64>,
+}
+
+/// One stream: write for `seconds`, half-close, read the backend's byte count.
+async fn throughput_once(target: SocketAddr, seconds: f64, sunk: &AtomicU64) -> Result<Measured> {
+    let mut s = open(target, MODE_SINK).await?;
+    let buf = vec![0x5au8; IO_BUF];
+    let mut written = 0u64;
+    let mut per_second_mb = Vec::new();
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let mut next_tick = start + Duration::from_secs(1);
+    let mut last_count = sunk.load(Ordering::Relaxed);
+    loop {
+        let wake = next_tick.min(deadline);
+        // A cancelled `write` has written nothing, so `written` stays exact.
+        match tokio::time::timeout_at(wake.into(), s.write(&buf)).await {
+            Ok(Ok(n)) => written += n as u64,
+            Ok(Err(e)) => return Err(e).context(format!("writing to {target} after {written} bytes")),
+            Err(_) => {}
+        }
+        let now = Instant::now();
+        if now >= next_tick && next_tick <= deadline {
+            let c = sunk.load(Ordering::Relaxed);
+            per_second_mb.push((c - last_count) as f64 / 1e6);
+            last_count = c;
+            next_tick += Duration::from_secs(1);
+        }
+        if now >= deadline {
+            break;
+        }
+    }
+    let stopped = Instant::now();
+    let before = sunk.load(Ordering::Relaxed);
+    let report = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        s.shutdown().await?;
+        let mut total = [0u8; 8];
+        s.read_exact(&mut total).await?;
+        Ok::<u64, std::io::Error>(u64::from_be_bytes(total))
+    })
+    .await;
+    let bytes = match report {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => bail!("waiting for the backend's byte count via {target}: {e} (wrote {written} bytes)"),
+        Err(_) => bail!(
+            "stalled: {:.0} s after the writer stopped the backend had received {} of the {written} bytes written \
+             via {target} ({} of them in that time)",
+            DRAIN_TIMEOUT.as_secs_f64(),
+            sunk.load(Ordering::Relaxed),
+            sunk.load(Ordering::Relaxed) - before
+        ),
+    };
+    let end = Instant::now();
+    if bytes != written {
+        bail!("the backend received {bytes} bytes via {target}, but {written} were written");
+    }
+    Ok(Measured { bytes, written, elapsed: end - start, drain: end - stopped, per_second_mb })
+}
+
+// ---- latency -------------------------------------------------------------------------------
+
+fn new_ns_hist() -> Histogram<u64> {
+    // Nanoseconds, 1 ns to 100 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).unwrap_or_else(|_| unreachable!())
+}
+
+struct EchoConn {
+    s: TcpStream,
+    req: Vec<u8>,
+    resp: Vec<u8>,
+    seq: u64,
+}
+
+impl EchoConn {
+    async fn open(target: SocketAddr, size: usize) -> Result<EchoConn> {
+        Ok(EchoConn { s: open(target, MODE_ECHO).await?, req: vec![0xa5; size], resp: vec![0; size], seq: 0 })
+    }
+
+    /// One request and its echo; returns the round-trip time.
+    async fn exchange(&mut self) -> Result<Duration> {
+        self.seq += 1;
+        self.req[..8].copy_from_slice(&self.seq.to_be_bytes());
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+            self.s.write_all(&self.req).await?;
+            self.s.read_exact(&mut self.resp).await
+        })
+        .await;
+        let dt = t0.elapsed();
+        match r {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("exchange {}: {e}", self.seq),
+            Err(_) => bail!("exchange {} got no answer within {:.0} s (stalled)", self.seq, EXCHANGE_TIMEOUT.as_secs_f64()),
+        }
+        if self.resp != self.req {
+            bail!("exchange {}: the echo differs from the request", self.seq);
+        }
+        Ok(dt)
+    }
+
+    async fn run(&mut self, n: usize, hist: Option<&mut Histogram<u64>>) -> Result<()> {
+        let mut hist = hist;
+        for _ in 0..n {
+            let dt = self.exchange().await?;
+            if let Some(h) = hist.as_deref_mut() {
+                let _ = h.record((dt.as_nanos() as u64).max(1));
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---- the run -------------------------------------------------------------------------------
+
+struct Setup {
+    _tmp: TempDir,
+    backend: Backend,
+    relay: RelayGuard,
+    connector: ChildGuard,
+    agent: ChildGuard,
+    agent_addr: SocketAddr,
+    pids: Pids,
+    relay_args: String,
+    agent_args: String,
+    connector_args: String,
+}
+
+impl Setup {
+    fn check_alive(&mut self) -> Result<()> {
+        self.relay.proc.check_alive()?;
+        self.connector.check_alive()?;
+        self.agent.check_alive()
+    }
+
+    /// The last lines of every child's log, for error messages.
+    fn log_tails(&self) -> String {
+        let mut s = String::new();
+        for g in [&self.relay.proc, &self.connector, &self.agent] {
+            let _ = write!(s, "\n--- end of the {} log ({}):\n{}", g.what, g.log.display(), procs::log_tail(&g.log, 12));
+        }
+        s
+    }
+}
+
+fn validate(args: &TunnelArgs) -> Result<()> {
+    if !(args.seconds >= 1.0 && args.seconds <= 600.0) {
+        bail!("--seconds must be in [1, 600]");
+    }
+    if args.rounds == 0 || args.rounds > 20 {
+        bail!("--rounds must be in 1..=20");
+    }
+    if args.exchanges == 0 || args.exchanges > 1_000_000 || args.warmup > 1_000_000 {
+        bail!("--exchanges must be in 1..=1000000 and --warmup at most 1000000");
+    }
+    if !(8..=65536).contains(&args.size) {
+        bail!("--size must be in 8..=65536 bytes");
+    }
+    Ok(())
+}
+
+async fn setup(args: &TunnelArgs) -> Result<Setup> {
+    let relay_bin = standard::relay_bin(args.relay_bin.as_deref())?;
+    let agent_bin = procs::sibling_bin("ztna-agent", args.agent_bin.as_deref())?;
+    let connector_bin = procs::sibling_bin("ztna-connector", args.connector_bin.as_deref())?;
+    let tmp = TempDir::new()?;
+    let pki = tmp.0.join("pki");
+    standard::pki_init(&relay_bin, &pki)?;
+    let backend = start_backend().await?;
+
+    let relay = standard::start_relay(&relay_bin, &pki, &tmp.0, true, &args.relay_log, 0)?;
+    let relay_s = relay.listen.to_string();
+    let connector_args = "--relay 127.0.0.1:PORT --pki-dir PKI --name web-1 --service web=127.0.0.1:BACKEND_PORT";
+    let mut cmd = Command::new(&connector_bin);
+    cmd.args(["--relay", &relay_s, "--pki-dir"])
+        .arg(&pki)
+        .args(["--name", "web-1", "--service", &format!("web={}", backend.addr)])
+        .env("ZTNA_LOG", "info");
+    let mut connector = ChildGuard::spawn("connector", cmd, tmp.0.join("connector.log"))?;
+    connector.wait_for_log(&["registered"], PROCESS_START_TIMEOUT).await?;
+
+    let agent_addr: SocketAddr = ([127, 0, 0, 1], procs::free_port(false)?).into();
+    let forward = format!("{agent_addr}:web");
+    let agent_args = "run --relay 127.0.0.1:PORT --pki-dir PKI --name alice -L 127.0.0.1:LOCAL_PORT:web";
+    let mut cmd = Command::new(&agent_bin);
+    cmd.args(["run", "--relay", &relay_s, "--pki-dir"])
+        .arg(&pki)
+        .args(["--name", "alice", "-L", &forward])
+        .env("ZTNA_LOG", "info");
+    let mut agent = ChildGuard::spawn("agent", cmd, tmp.0.join("agent.log"))?;
+    agent.wait_for_log(&["TCP forward ready", "connected to the relay"], PROCESS_START_TIMEOUT).await?;
+
+    let pids = Pids { relay: relay.pid(), agent: agent.pid(), connector: connector.pid() };
+    let relay_args = format!(
+        "ztna-relay --listen 127.0.0.1:PORT --admin 127.0.0.1:PORT {} (ZTNA_LOG={})",
+        standard::relay_flags(Path::new("PKI"), true).join(" "),
+        args.relay_log
+    );
+    Ok(Setup {
+        _tmp: tmp,
+        backend,
+        relay,
+        connector,
+        agent,
+        agent_addr,
+        pids,
+        relay_args,
+        agent_args: format!("ztna-agent {agent_args} (ZTNA_LOG=info)"),
+        connector_args: format!("ztna-connector {connector_args} (ZTNA_LOG=info)"),
+    })
+}
+
+/// The first exchange through the agent: it requests the session and builds the tunnel.
+/// Returns the connection, the time it took and the DATA frames the relay forwarded meanwhile.
+async fn first_exchange(st: &Setup, size: usize) -> Result<(EchoConn, f64, u64)> {
+    let s0 = sys::scrape(st.relay.admin)?;
+    let t0 = Instant::now();
+    let mut c = EchoConn::open(st.agent_addr, size).await?;
+    c.exchange().await.context("the first exchange through the tunnel failed")?;
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let frames = relay_data(&s0, &sys::scrape(st.relay.admin)?).frames_forwarded;
+    Ok((c, ms, frames))
+}
+
+async fn throughput(st: &mut Setup, args: &TunnelArgs) -> Result<ThroughputSummary> {
+    let direct = st.backend.addr;
+    let tunnel = st.agent_addr;
+    let mut runs = Vec::new();
+    for round in 1..=args.rounds {
+        for (path, target) in [("direct", direct), ("tunnel", tunnel)] {
+            let via_tunnel = path == "tunnel";
+            let scrape0 = if via_tunnel { Some(sys::scrape(st.relay.admin)?) } else { None };
+            let udp0 = sys::udp_counters();
+            let drops0 = st.pids.drops()?;
+            let cpu0 = st.pids.cpu()?;
+            let m = throughput_once(target, args.seconds, &st.backend.sunk)
+                .await
+                .with_context(|| format!("throughput run {round}, {path}"))?;
+            let cpu = st.pids.cpu()?.since(&cpu0);
+            let udp = sys::udp_counters().since(&udp0);
+            let socket_drops = via_tunnel.then(|| st.pids.drops().map(|d| d.since(&drops0))).transpose()?;
+            let relay = match scrape0 {
+                Some(s0) => Some(relay_data(&s0, &sys::scrape(st.relay.admin)?)),
+                None => None,
+            };
+            st.check_alive()?;
+            let run = ThroughputRun {
+                path: path.to_string(),
+                round,
+                bytes: m.bytes,
+                bytes_written: m.written,
+                elapsed_s: m.elapsed.as_secs_f64(),
+                drain_s: m.drain.as_secs_f64(),
+                mb_per_s: m.bytes as f64 / 1e6 / m.elapsed.as_secs_f64(),
+                per_second_mb: m.per_second_mb,
+                cpu,
+                relay,
+                udp,
+                socket_drops,
+            };
+            println!(
+                "   {path:<6} round {round}: {:>9.1} MB/s ({:.0} MB in {:.2} s, drain {:.2} s)",
+                run.mb_per_s,
+                run.bytes as f64 / 1e6,
+                run.elapsed_s,
+                run.drain_s
+            );
+            runs.push(run);
+        }
+    }
+    let sum = |path: &str| {
+        let (mut bytes, mut secs, mut cpu) = (0u64, 0f64, PathCpu::default());
+        for r in runs.iter().filter(|r| r.path == path) {
+            bytes += r.bytes;
+            secs += r.elapsed_s;
+            cpu.add(&r.cpu);
+        }
+        (bytes as f64 / 1e6 / secs, secs, cpu)
+    };
+    let (direct_mb, direct_wall, direct_cpu) = sum("direct");
+    let (tunnel_mb, tunnel_wall, tunnel_cpu) = sum("tunnel");
+    let seconds: Vec<f64> = runs.iter().filter(|r| r.path == "tunnel").flat_map(|r| r.per_second_mb.clone()).collect();
+    let mut relay = RelayData::default();
+    let mut udp = UdpCounters::default();
+    let mut socket_drops = SocketDrops::default();
+    for r in runs.iter().filter(|r| r.path == "tunnel") {
+        if let Some(d) = &r.socket_drops {
+            socket_drops.add(d);
+        }
+        if let Some(d) = &r.relay {
+            relay.add(d);
+        }
+        udp.in_datagrams += r.udp.in_datagrams;
+        udp.out_datagrams += r.udp.out_datagrams;
+        udp.rcvbuf_errors += r.udp.rcvbuf_errors;
+        udp.sndbuf_errors += r.udp.sndbuf_errors;
+    }
+    Ok(ThroughputSummary {
+        seconds: args.seconds,
+        rounds: args.rounds,
+        direct_mb_per_s: direct_mb,
+        tunnel_mb_per_s: tunnel_mb,
+        ratio: tunnel_mb / direct_mb,
+        tunnel_second_min_mb: seconds.iter().copied().fold(f64::INFINITY, f64::min),
+        tunnel_second_max_mb: seconds.iter().copied().fold(0.0, f64::max),
+        tunnel_stalled_seconds: seconds.iter().filter(|&&s| s == 0.0).count(),
+        tunnel_wall_s: tunnel_wall,
+        tunnel_cpu,
+        direct_wall_s: direct_wall,
+        direct_cpu,
+        tunnel_relay: relay,
+        tunnel_udp: udp,
+        tunnel_socket_drops: socket_drops,
+        runs,
+    })
+}
+
+async fn latency(st: &mut Setup, args: &TunnelArgs, mut tunnel: EchoConn) -> Result<LatencySummary> {
+    let mut direct = EchoConn::open(st.backend.addr, args.size).await?;
+    let budget = Duration::from_secs(120) * (args.exchanges.div_ceil(10_000) as u32).max(1)
+        + Duration::from_secs(60) * (args.warmup.div_ceil(10_000) as u32).max(1);
+    let deadline = Instant::now() + budget;
+    direct.run(args.warmup, None).await.context("direct warm-up")?;
+    tunnel.run(args.warmup, None).await.context("tunnel warm-up")?;
+    let (mut hd, mut ht) = (new_ns_hist(), new_ns_hist());
+    let mut tunnel_wall = Duration::ZERO;
+    let scrape0 = sys::scrape(st.relay.admin)?;
+    let drops0 = st.pids.drops()?;
+    let cpu0 = st.pids.cpu()?;
+    let mut done = 0;
+    while done < args.exchanges {
+        let n = BLOCK.min(args.exchanges - done);
+        direct.run(n, Some(&mut hd)).await.context("direct exchanges")?;
+        let t = Instant::now();
+        tunnel.run(n, Some(&mut ht)).await.context("tunnel exchanges")?;
+        tunnel_wall += t.elapsed();
+        done += n;
+        if Instant::now() > deadline {
+            bail!("the latency phase exceeded its {:.0} s budget after {done} exchanges per path", budget.as_secs_f64());
+        }
+    }
+    let cpu = st.pids.cpu()?.since(&cpu0);
+    let relay = relay_data(&scrape0, &sys::scrape(st.relay.admin)?);
+    let socket_drops = st.pids.drops()?.since(&drops0);
+    st.check_alive()?;
+    let (d, t) = (LatencyStats::from_hist(&hd), LatencyStats::from_hist(&ht));
+    let per = |s: f64| s * 1e6 / args.exchanges as f64;
+    Ok(LatencySummary {
+        size: args.size,
+        warmup: args.warmup,
+        block: BLOCK,
+        added_p50_us: t.p50_us - d.p50_us,
+        added_p99_us: t.p99_us - d.p99_us,
+        added_p999_us: t.p999_us - d.p999_us,
+        direct: d,
+        tunnel: t,
+        tunnel_wall_s: tunnel_wall.as_secs_f64(),
+        tunnel_exchanges_per_s: args.exchanges as f64 / tunnel_wall.as_secs_f64(),
+        relay_cpu_us_per_exchange: per(cpu.relay_s),
+        agent_cpu_us_per_exchange: per(cpu.agent_s),
+        connector_cpu_us_per_exchange: per(cpu.connector_s),
+        cpu,
+        relay_frames_per_exchange: relay.frames_forwarded as f64 / args.exchanges as f64,
+        relay,
+        socket_drops,
+    })
+}
+
+fn stop_client(g: &mut ChildGuard) -> ProcRun {
+    let pid = g.pid();
+    let (exit, _) = g.stop(Duration::from_secs(5));
+    let (log_warnings, log_warning_count) = procs::log_warnings(&g.log, 5);
+    println!("   {} (pid {pid}) stopped: {exit}; {log_warning_count} WARN/ERROR log lines", g.what);
+    for w in &log_warnings {
+        println!("     {w}");
+    }
+    ProcRun { what: g.what.clone(), pid, exit, log_warnings, log_warning_count }
+}
+
+pub async fn run(args: &TunnelArgs) -> Result<TunnelReport> {
+    validate(args)?;
+    let mut st = setup(args).await?;
+    println!(
+        "-- tunnel: relay pid {} on {}, connector pid {}, agent pid {} forwarding {} -> backend {}",
+        st.relay.pid(),
+        st.relay.listen,
+        st.connector.pid(),
+        st.agent.pid(),
+        st.agent_addr,
+        st.backend.addr
+    );
+    let measured = async {
+        let (conn, first_ms, first_frames) = first_exchange(&st, args.size).await?;
+        println!("   first exchange through a new tunnel: {first_ms:.1} ms ({first_frames} relay frames)");
+        println!("   throughput, one TCP stream, {} × {:.0} s per path:", args.rounds, args.seconds);
+        let thr = throughput(&mut st, args).await?;
+        println!("   latency: {} × {} bytes each way per path (after {} warm-up):", args.exchanges, args.size, args.warmup);
+        let lat = latency(&mut st, args, conn).await?;
+        Ok::<_, anyhow::Error>((first_ms, first_frames, thr, lat))
+    }
+    .await;
+    let (first_exchange_ms, first_exchange_relay_frames, throughput, latency) = match measured {
+        Ok(m) => m,
+        Err(e) => return Err(e.context(format!("tunnel benchmark failed{}", st.log_tails()))),
+    };
+    let clients = vec![stop_client(&mut st.agent), stop_client(&mut st.connector)];
+    let Setup { relay, relay_args, agent_args, connector_args, .. } = st;
+    let relay_run = standard::finish(relay, "tunnel");
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    Ok(TunnelReport {
+        date: sys::utc_now(),
+        revision: sys::git_revision(),
+        machine: sys::machine(),
+        command: format!("{} && target/release/ztna-bench {}", procs::BUILD, argv.join(" ")),
+        relay_args,
+        agent_args,
+        connector_args,
+        first_exchange_ms,
+        first_exchange_relay_frames,
+        throughput,
+        latency,
+        relay_run,
+        clients,
+    })
+}
+
+// ---- output --------------------------------------------------------------------------------
+
+/// Warnings when other processes used more than 10 % of the wall time in CPU during a phase.
+fn disturbances(r: &TunnelReport) -> Vec<String> {
+    let mut out = Vec::new();
+    let t = &r.throughput;
+    let tunnel_other = t.tunnel_cpu.other_s();
+    if tunnel_other > 0.1 * t.tunnel_wall_s {
+        out.push(format!("{tunnel_other:.1} s during the {:.1} s of tunnel throughput runs", t.tunnel_wall_s));
+    }
+    let direct_other = t.direct_cpu.other_s();
+    if direct_other > 0.1 * t.direct_wall_s {
+        out.push(format!("{direct_other:.1} s during the {:.1} s of direct throughput runs", t.direct_wall_s));
+    }
+    let l = &r.latency;
+    let lat_other = l.cpu.other_s();
+    let lat_wall = l.tunnel_wall_s + l.direct.mean_us * l.direct.exchanges as f64 / 1e6;
+    if lat_other > 0.1 * lat_wall {
+        out.push(format!("{lat_other:.1} s during the {lat_wall:.1} s of latency measurement"));
+    }
+    out
+}
+
+fn cores(cpu: f64, wall: f64) -> f64 {
+    if wall > 0.0 { cpu / wall } else { 0.0 }
+}
+
+fn drops(d: &RelayData) -> String {
+    if d.dropped.is_empty() {
+        "0".into()
+    } else {
+        d.dropped.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")
+    }
+}
+
+pub fn print(r: &TunnelReport) {
+    let t = &r.throughput;
+    let l = &r.latency;
+    println!("== tunnel: one TCP stream through agent -> relay -> connector, and direct, on loopback");
+    let c = &t.tunnel_cpu;
+    let rows: Vec<(&str, String)> = vec![
+        (
+            "first exchange, new tunnel",
+            format!("{:.1} ms ({} relay frames)", r.first_exchange_ms, r.first_exchange_relay_frames),
+        ),
+        ("throughput direct", format!("{:.1} MB/s", t.direct_mb_per_s)),
+        (
+            "throughput tunnel",
+            format!(
+                "{:.1} MB/s (per second {:.1} .. {:.1}, {} stalled seconds)",
+                t.tunnel_mb_per_s, t.tunnel_second_min_mb, t.tunnel_second_max_mb, t.tunnel_stalled_seconds
+            ),
+        ),
+        ("ratio tunnel / direct", format!("{:.4} ({:.2} %)", t.ratio, t.ratio * 100.0)),
+        (
+            "CPU during tunnel runs",
+            format!(
+                "relay {:.2} s ({:.2} cores), agent {:.2} s ({:.2}), connector {:.2} s ({:.2}), bench {:.2} s ({:.2}), \
+                 other {:.2} s, over {:.2} s",
+                c.relay_s,
+                cores(c.relay_s, t.tunnel_wall_s),
+                c.agent_s,
+                cores(c.agent_s, t.tunnel_wall_s),
+                c.connector_s,
+                cores(c.connector_s, t.tunnel_wall_s),
+                c.bench_s,
+                cores(c.bench_s, t.tunnel_wall_s),
+                c.other_s(),
+                t.tunnel_wall_s
+            ),
+        ),
+        (
+            "relay during tunnel runs",
+            format!(
+                "{} frames forwarded ({:.0} B avg datagram), drops {}",
+                t.tunnel_relay.frames_forwarded,
+                t.tunnel_relay.received_bytes as f64 / t.tunnel_relay.packets_received.max(1) as f64,
+                drops(&t.tunnel_relay)
+            ),
+        ),
+        (
+            "UDP drops during tunnel runs",
+            format!(
+                "relay socket {}, agent socket {}, connector socket {} (machine: {} receive-buffer drops of {} in)",
+                t.tunnel_socket_drops.relay,
+                t.tunnel_socket_drops.agent,
+                t.tunnel_socket_drops.connector,
+                t.tunnel_udp.rcvbuf_errors,
+                t.tunnel_udp.in_datagrams
+            ),
+        ),
+        (
+            "latency direct p50/p99/p99.9",
+            format!("{:.1} / {:.1} / {:.1} µs (max {:.0})", l.direct.p50_us, l.direct.p99_us, l.direct.p999_us, l.direct.max_us),
+        ),
+        (
+            "latency tunnel p50/p99/p99.9",
+            format!("{:.1} / {:.1} / {:.1} µs (max {:.0})", l.tunnel.p50_us, l.tunnel.p99_us, l.tunnel.p999_us, l.tunnel.max_us),
+        ),
+        ("added latency p50 / p99", format!("{:.1} / {:.1} µs", l.added_p50_us, l.added_p99_us)),
+        (
+            "CPU per tunnel exchange",
+            format!(
+                "relay {:.1} µs, agent {:.1} µs, connector {:.1} µs; {:.2} relay frames",
+                l.relay_cpu_us_per_exchange, l.agent_cpu_us_per_exchange, l.connector_cpu_us_per_exchange,
+                l.relay_frames_per_exchange
+            ),
+        ),
+    ];
+    for (k, v) in rows {
+        println!("  {k:<32} {v}");
+    }
+    let d = disturbances(r);
+    if !d.is_empty() {
+        println!("  WARNING: other processes used CPU: {}: the figures are disturbed", d.join("; "));
+    }
+}
+
+/// The tunnel section of docs/BENCHMARKS.md, markers included.
+pub fn render(r: &TunnelReport) -> String {
+    let m = &r.machine;
+    let t = &r.throughput;
+    let l = &r.latency;
+    let mut s = String::new();
+    let _ = writeln!(s, "{BEGIN}");
+    let _ = writeln!(s, "<!-- Generated by `ztna-bench tunnel` (and `standard`); edits between these markers are overwritten. -->");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "### End-to-end tunnel: one TCP stream, relay path, loopback");
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "Measured {} at commit {} on {} ({} cores, {:.0} GiB), {}. Path: `ztna-bench` → TCP → agent `alice` (local forward) → \
+         QUIC stream in the end-to-end tunnel, in DATA frames over UDP → relay (1 worker, unpinned) → connector \
+         `web-1` → TCP → a tokio backend inside `ztna-bench`. Direct: `ztna-bench` → TCP → the same backend. \
+         Release builds, everything on 127.0.0.1 on the same machine; relay logging at `warn`, agent and connector at `info` \
+         (a few lines per connection).",
+        r.date, r.revision, m.cpu_model, m.cores, m.memory_gib, m.kernel
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "**Read with care:** on {} cores the writer, agent, relay, connector and backend all compete for CPU, and \
+         loopback has no propagation delay: the tunnel figures are what this machine sustains for all of them \
+         together, and the direct figures are loopback TCP's best case. The CPU seconds per process \
+         (utime+stime from /proc/PID/stat over the tunnel runs) show where the time goes.",
+        m.cores
+    );
+    let _ = writeln!(s);
+    let d = disturbances(r);
+    if !d.is_empty() {
+        let _ = writeln!(
+            s,
+            "**Disturbed run:** other processes on the machine used CPU ({}); compare with care.",
+            d.join("; ")
+        );
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s, "#### Throughput: one TCP stream, writer as fast as it can");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "| path | runs | MB/s | per run | per-second min–max | drain after stop |");
+    let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|");
+    for (path, mb) in [("direct", t.direct_mb_per_s), ("tunnel", t.tunnel_mb_per_s)] {
+        let runs: Vec<&ThroughputRun> = t.runs.iter().filter(|r| r.path == path).collect();
+        let per_run: Vec<String> = runs.iter().map(|r| format!("{:.1}", r.mb_per_s)).collect();
+        let secs: Vec<f64> = runs.iter().flat_map(|r| r.per_second_mb.iter().copied()).collect();
+        let lo = secs.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = secs.iter().copied().fold(0.0, f64::max);
+        let drain = runs.iter().map(|r| r.drain_s).fold(0.0, f64::max);
+        let _ = writeln!(
+            s,
+            "| {path} | {} × {:.0} s | **{:.1}** | {} | {:.1}–{:.1} | ≤ {:.2} s |",
+            runs.len(),
+            t.seconds,
+            mb,
+            per_run.join(", "),
+            if lo.is_finite() { lo } else { 0.0 },
+            hi,
+            drain
+        );
+    }
+    let _ = writeln!(s);
+    let c = &t.tunnel_cpu;
+    let w = t.tunnel_wall_s;
+    let _ = writeln!(
+        s,
+        "**Tunnel / direct: {:.4} ({:.2} %).** MB = 10⁶ bytes. Runs alternated direct, tunnel, direct, tunnel, \
+         … in one process; each wrote for {:.0} s, then half-closed, and its rate is the bytes the backend \
+         received (it reports its exact count at EOF, checked against the bytes written) over the time from the \
+         first write until that count came back, so data still buffered when the writer stopped is counted with \
+         the time it took to arrive (*drain*). {} whole seconds of the tunnel runs moved no data.",
+        t.ratio,
+        t.ratio * 100.0,
+        t.seconds,
+        t.tunnel_stalled_seconds
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(s, "CPU during the tunnel runs ({w:.1} s of wall time in all):");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "| relay | agent | connector | ztna-bench (writer + backend) | other | machine busy |");
+    let _ = writeln!(s, "|--:|--:|--:|--:|--:|--:|");
+    let _ = writeln!(
+        s,
+        "| {:.2} s ({:.2} cores) | {:.2} s ({:.2} cores) | {:.2} s ({:.2} cores) | {:.2} s ({:.2} cores) | {:.2} s | {:.2} of {} cores |",
+        c.relay_s,
+        cores(c.relay_s, w),
+        c.agent_s,
+        cores(c.agent_s, w),
+        c.connector_s,
+        cores(c.connector_s, w),
+        c.bench_s,
+        cores(c.bench_s, w),
+        c.other_s(),
+        cores(c.machine_busy_s, w),
+        m.cores
+    );
+    let _ = writeln!(s);
+    let d = &t.tunnel_relay;
+    let tb: u64 = t.runs.iter().filter(|r| r.path == "tunnel").map(|r| r.bytes).sum();
+    let _ = writeln!(
+        s,
+        "The relay forwarded {} DATA frames in the tunnel runs ({:.0} bytes per received datagram on average, \
+         {:.1} µs of relay CPU per forwarded frame; {:.0} frames per MB of user data, both directions); the relay \
+         dropped {}. Datagrams dropped by the kernel for a full socket receive buffer (/proc/net/udp, per socket) \
+         over the same runs: relay {}, agent {}, connector {} (machine-wide, all sockets: {} of {} received).",
+        d.frames_forwarded,
+        d.received_bytes as f64 / d.packets_received.max(1) as f64,
+        c.relay_s * 1e6 / d.frames_forwarded.max(1) as f64,
+        d.frames_forwarded as f64 / (tb as f64 / 1e6).max(1e-9),
+        drops(d),
+        t.tunnel_socket_drops.relay,
+        t.tunnel_socket_drops.agent,
+        t.tunnel_socket_drops.connector,
+        t.tunnel_udp.rcvbuf_errors,
+        t.tunnel_udp.in_datagrams
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "#### Added latency: {}-byte request, {}-byte echo, sequential on one connection",
+        l.size, l.size
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(s, "| path | exchanges | p50 | p90 | p99 | p99.9 | max | mean |");
+    let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|");
+    for (path, x) in [("direct", &l.direct), ("tunnel", &l.tunnel)] {
+        let _ = writeln!(
+            s,
+            "| {path} | {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.0} µs | {:.1} µs |",
+            x.exchanges, x.p50_us, x.p90_us, x.p99_us, x.p999_us, x.max_us, x.mean_us
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| **added by the tunnel** | | **{:.1} µs** | {:.1} µs | **{:.1} µs** | {:.1} µs | | {:.1} µs |",
+        l.added_p50_us,
+        l.tunnel.p90_us - l.direct.p90_us,
+        l.added_p99_us,
+        l.added_p999_us,
+        l.tunnel.mean_us - l.direct.mean_us
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "One connection per path, opened before the measurement and warmed up with {} exchanges each; then blocks \
+         of {} exchanges alternating direct and tunnel; round-trip time from before the request's write until the \
+         whole echo was read (hdrhistogram, ns). Through the tunnel: {:.0} exchanges/s; per exchange the relay \
+         used {:.1} µs of CPU, the agent {:.1} µs and the connector {:.1} µs, and the relay forwarded {:.2} DATA frames.",
+        l.warmup,
+        l.block,
+        l.tunnel_exchanges_per_s,
+        l.relay_cpu_us_per_exchange,
+        l.agent_cpu_us_per_exchange,
+        l.connector_cpu_us_per_exchange,
+        l.relay_frames_per_exchange
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "First exchange through a new tunnel (the agent asks the relay for a session, the tunnel's QUIC + mTLS \
+         handshake runs through the relay, the connector connects to the backend, one echo): {:.1} ms, \
+         {} DATA frames forwarded by the relay.",
+        r.first_exchange_ms, r.first_exchange_relay_frames
+    );
+    let _ = writeln!(s);
+    let mut notes: Vec<String> = Vec::new();
+    let rr = &r.relay_run;
+    if rr.log_warning_count > 0 || !rr.exit.contains("exit status: 0") {
+        notes.push(format!("relay: {}, {} WARN/ERROR log lines", rr.exit, rr.log_warning_count));
+    }
+    for c in &r.clients {
+        if c.log_warning_count > 0 {
+            let first = c.log_warnings.first().map(|w| format!(" (first: `{w}`)")).unwrap_or_default();
+            notes.push(format!("{}: {} WARN/ERROR log lines{first}", c.what, c.log_warning_count));
+        }
+    }
+    if notes.is_empty() {
+        let _ = writeln!(s, "No WARN/ERROR lines in the relay's, agent's or connector's logs during the run.");
+    } else {
+        let _ = writeln!(s, "Logs: {}.", notes.join("; "));
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "Processes: `{}`; `{}`; `{}`.", r.relay_args, r.connector_args, r.agent_args);
+    let _ = writeln!(s);
+    let _ = writeln!(s, "Reproduce (from the workspace root; loopback only, stops by itself):");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "```sh\n{}\n```", r.command.trim_end());
+    let _ = writeln!(s, "{END}");
+    s
+}
+
+/// Rewrites the tunnel section of `path` (appended with a heading if the markers are missing).
+pub fn write_section(path: &Path, r: &TunnelReport) -> Result<()> {
+    standard::write_markdown(path, &[(BEGIN, END, HEADING, render(r))])
+}
