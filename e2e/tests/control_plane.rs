@@ -116,13 +116,9 @@ async fn registration_and_sessions_follow_the_policy() {
     assert_eq!(relay.metric("ztna_relay_refusals_total", &[("reason", "no_connector_available")]), 1.0);
 }
 
-#[test]
-fn certificate_from_another_ca_is_rejected() {
-    let pki = Pki::new("ca1");
-    let foreign = Pki::new("ca2");
-    let relay = Relay::start(&pki, 1, &[]);
-    // An agent certificate from the foreign CA, trusting the relay's CA.
-    let out = std::process::Command::new(ztna_e2e::bin("ztna-agent"))
+/// `ztna-agent check` with alice's certificate from the `foreign` CA, trusting `pki`'s CA.
+fn check_as_foreign_alice(relay: &Relay, foreign: &Pki, pki: &Pki) -> std::process::Output {
+    std::process::Command::new(ztna_e2e::bin("ztna-agent"))
         .args(["check", "--relay", &relay.addr_v4().to_string(), "--timeout", "3"])
         .arg("--cert")
         .arg(foreign.path().join("agent-alice.pem"))
@@ -131,7 +127,16 @@ fn certificate_from_another_ca_is_rejected() {
         .arg("--ca")
         .arg(pki.path().join("ca.pem"))
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn certificate_from_another_ca_is_rejected() {
+    let pki = Pki::new("ca1");
+    let foreign = Pki::new("ca2");
+    let relay = Relay::start(&pki, 1, &[]);
+    // An agent certificate from the foreign CA, trusting the relay's CA.
+    let out = check_as_foreign_alice(&relay, &foreign, &pki);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("TLS"), "plain reason expected, got: {stderr}");
@@ -169,16 +174,7 @@ fn the_relay_trusts_its_ca_file_and_nothing_else() {
     // The relay's process sees the foreign CA as a "system" root.
     let foreign_ca = foreign.path().join("ca.pem");
     let relay = Relay::start_with_env(&pki, ztna_e2e::free_udp_port(), 1, &[], &[("SSL_CERT_FILE", &foreign_ca)]);
-    let out = std::process::Command::new(ztna_e2e::bin("ztna-agent"))
-        .args(["check", "--relay", &relay.addr_v4().to_string(), "--timeout", "3"])
-        .arg("--cert")
-        .arg(foreign.path().join("agent-alice.pem"))
-        .arg("--key")
-        .arg(foreign.path().join("agent-alice.key"))
-        .arg("--ca")
-        .arg(pki.path().join("ca.pem"))
-        .output()
-        .unwrap();
+    let out = check_as_foreign_alice(&relay, &foreign, &pki);
     assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(relay.wait_metric("ztna_relay_auth_failures_total", &[("reason", "tls_handshake")], 1.0), 1.0);
 }
