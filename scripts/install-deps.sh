@@ -12,6 +12,7 @@ command -v promtool >/dev/null || need+=(prometheus)
 command -v g++ >/dev/null || need+=(g++)
 command -v curl >/dev/null || need+=(curl)
 command -v ethtool >/dev/null || need+=(ethtool)
+command -v trafgen >/dev/null || need+=(netsniff-ng)
 
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"

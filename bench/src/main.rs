@@ -3,9 +3,12 @@
 //! Everything it sends goes to the relay address it is given (loopback in `standard`), and every
 //! run is bounded in time and stops by itself.
 
+mod flood;
 mod handshakes;
 mod idle_rss;
 mod procs;
+mod sessions;
+mod setup;
 mod standard;
 mod sys;
 mod tunnel;
@@ -43,6 +46,16 @@ enum Cmd {
     /// The standard set (control plane and tunnel) against processes it starts on loopback;
     /// rewrites docs/BENCHMARKS.md.
     Standard(standard::StandardArgs),
+    /// DATA-frame flood through N real sessions (sendmmsg/GSO generator, recvmmsg sink on the
+    /// connector's socket): offered/delivered pps, loss, reordering, one-way latency, relay CPU.
+    Flood(flood::FloodArgs),
+    /// Create N sessions, write them to a JSON file and hold them, counting the DATA frames that
+    /// arrive at the connector (the sink for an external packet generator).
+    Sessions(sessions::SessionsArgs),
+    /// Write a trafgen (netsniff-ng) config with one DATA frame per session of a sessions file.
+    ExportTrafgen(sessions::ExportTrafgenArgs),
+    /// Write a classic pcap with one DATA frame per session of a sessions file.
+    ExportPcap(sessions::ExportPcapArgs),
 }
 
 fn write_json<T: Serialize>(path: Option<&Path>, value: &T) -> Result<()> {
@@ -75,6 +88,18 @@ async fn run(cmd: Cmd) -> Result<()> {
             }
             write_json(a.json.as_deref(), &r)
         }
+        Cmd::Flood(a) => {
+            let r = flood::run(&a).await?;
+            flood::print(&r);
+            write_json(a.json.as_deref(), &r)
+        }
+        Cmd::Sessions(a) => {
+            let r = sessions::run(&a).await?;
+            sessions::print(&r);
+            Ok(())
+        }
+        Cmd::ExportTrafgen(a) => sessions::export_trafgen(&a),
+        Cmd::ExportPcap(a) => sessions::export_pcap(&a),
         Cmd::Standard(a) => {
             let r = standard::run(&a).await?;
             write_json(a.json.as_deref(), &r)

@@ -393,3 +393,87 @@ fn wait_child(child: &mut Option<Child>, timeout: Duration) -> Option<i32> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The lab topology of `deploy/lab/lab.sh` under a prefix of its own: namespaces
+/// `<prefix>-agent`, `<prefix>-relay`, `<prefix>-conn`. Every process spawned in it and the
+/// namespaces are removed on drop, also when the test fails. Needs root.
+pub struct Lab {
+    pub prefix: String,
+    children: Vec<Child>,
+}
+
+fn lab_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/lab/lab.sh")
+}
+
+impl Lab {
+    /// Brings the lab up; `tag` keeps parallel tests' labs apart.
+    pub fn up(tag: &str) -> Lab {
+        let prefix = format!("{tag}{}", std::process::id() % 100_000);
+        let out = Command::new("bash").arg(lab_script()).arg("up").env("LAB_PREFIX", &prefix).output().expect("run lab.sh");
+        // Constructed before the assert so a half-built lab is removed too.
+        let lab = Lab { prefix, children: Vec::new() };
+        assert!(out.status.success(), "lab up failed: {}", String::from_utf8_lossy(&out.stderr));
+        lab
+    }
+
+    /// A command to run inside one host (`agent`, `relay` or `conn`).
+    pub fn cmd(&self, host: &str, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &format!("{}-{host}", self.prefix)]).arg(program);
+        c
+    }
+
+    /// Starts a long-running process in a host; stderr goes to `log`, stdout next to it.
+    pub fn spawn(&mut self, host: &str, program: &Path, args: &[&str], log: &Path) {
+        let child = self
+            .cmd(host, program)
+            .args(args)
+            .env("ZTNA_LOG", "info")
+            .stdout(std::fs::File::create(log.with_extension("out")).expect("log file"))
+            .stderr(std::fs::File::create(log).expect("log file"))
+            .spawn()
+            .expect("spawn in lab");
+        self.children.push(child);
+    }
+
+    /// Runs a command in a host to completion.
+    pub fn run(&self, host: &str, program: &str, args: &[&str]) -> Output {
+        self.cmd(host, Path::new(program)).args(args).stdin(Stdio::null()).output().expect("run in lab")
+    }
+
+    /// The relay's metrics, fetched from inside the relay host (admin on 127.0.0.1:9090).
+    pub fn relay_metric(&self, name: &str) -> f64 {
+        let m = self.run("relay", "curl", &["-s", "--max-time", "5", "http://127.0.0.1:9090/metrics"]);
+        metric_sum(&String::from_utf8_lossy(&m.stdout), name, &[])
+    }
+
+    /// MAC address of an interface in a host.
+    pub fn mac(&self, host: &str, dev: &str) -> String {
+        let out = self.run(host, "cat", &[&format!("/sys/class/net/{dev}/address")]);
+        assert!(out.status.success(), "no {dev} in {host}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("bash").arg(lab_script()).arg("down").env("LAB_PREFIX", &self.prefix).output();
+    }
+}
+
+/// Waits until a log file contains `needle`; panics with the log otherwise.
+pub fn wait_for_log(log: &Path, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(log).unwrap_or_default().contains(needle) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{} never logged {needle:?}:\n{}", log.display(), std::fs::read_to_string(log).unwrap_or_default());
+}

@@ -3,79 +3,15 @@
 //! Needs root (it creates namespaces); the lab is removed also when the test fails.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ztna_e2e::{Pki, bin};
-
-fn lab_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/lab/lab.sh")
-}
-
-/// A lab of our own (unique prefix), torn down with every process started in it.
-struct Lab {
-    prefix: String,
-    children: Vec<Child>,
-}
-
-impl Lab {
-    fn up() -> Lab {
-        let prefix = format!("zt{}", std::process::id() % 100_000);
-        let out = Command::new("bash").arg(lab_script()).arg("up").env("LAB_PREFIX", &prefix).output().unwrap();
-        assert!(out.status.success(), "lab up failed: {}", String::from_utf8_lossy(&out.stderr));
-        Lab { prefix, children: Vec::new() }
-    }
-
-    fn cmd(&self, host: &str, program: &std::path::Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &format!("{}-{host}", self.prefix)]).arg(program);
-        c
-    }
-
-    fn spawn(&mut self, host: &str, program: &std::path::Path, args: &[&str], log: &std::path::Path) {
-        let child = self
-            .cmd(host, program)
-            .args(args)
-            .env("ZTNA_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
-        self.children.push(child);
-    }
-
-    fn run(&self, host: &str, program: &str, args: &[&str]) -> Output {
-        let path = PathBuf::from(program);
-        self.cmd(host, &path).args(args).output().unwrap()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Command::new("bash").arg(lab_script()).arg("down").env("LAB_PREFIX", &self.prefix).output();
-    }
-}
-
-fn wait_for(log: &std::path::Path, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(log).unwrap_or_default().contains(needle) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{} never logged {needle:?}:\n{}", log.display(), std::fs::read_to_string(log).unwrap_or_default());
-}
+use ztna_e2e::{Lab, Pki, bin, wait_for_log};
 
 #[test]
 fn agent_and_connector_on_their_own_hosts_reach_a_service_through_the_relay_host() {
     let pki = Pki::new("lab");
     let d = pki.path().to_path_buf();
-    let mut lab = Lab::up();
+    let mut lab = Lab::up("zt");
     let s = |p: PathBuf| p.display().to_string();
     let relay_log = d.join("relay.log");
     lab.spawn(
@@ -86,7 +22,7 @@ fn agent_and_connector_on_their_own_hosts_reach_a_service_through_the_relay_host
           "--ca", &s(d.join("ca.pem")), "--policy", &s(d.join("policy.toml"))],
         &relay_log,
     );
-    wait_for(&relay_log, "relay started");
+    wait_for_log(&relay_log, "relay started", Duration::from_secs(10));
 
     // QAD from the agent host reports the agent host's address, over IPv4 and IPv6.
     for (relay, observed) in [("192.0.2.1:4433", "192.0.2.2:"), ("[2001:db8:a::1]:4433", "[2001:db8:a::2]:")] {
@@ -104,10 +40,10 @@ fn agent_and_connector_on_their_own_hosts_reach_a_service_through_the_relay_host
     lab.spawn("conn", std::path::Path::new("python3"), &["-m", "http.server", "8000", "--bind", "198.51.100.2", "--directory", &s(www)], &d.join("backend.log"));
     let conn_log = d.join("connector.log");
     lab.spawn("conn", &bin("ztna-connector"), &["--relay", "198.51.100.1:4433", "--pki-dir", &s(d.clone()), "--name", "web-1", "--service", "web=198.51.100.2:8000"], &conn_log);
-    wait_for(&conn_log, "registered");
+    wait_for_log(&conn_log, "registered", Duration::from_secs(10));
     let agent_log = d.join("agent.log");
     lab.spawn("agent", &bin("ztna-agent"), &["run", "--relay", "[2001:db8:a::1]:4433", "--pki-dir", &s(d.clone()), "--name", "alice", "-L", "8080:web"], &agent_log);
-    wait_for(&agent_log, "TCP forward ready");
+    wait_for_log(&agent_log, "TCP forward ready", Duration::from_secs(10));
 
     let mut body = String::new();
     for _ in 0..50 {
@@ -120,7 +56,6 @@ fn agent_and_connector_on_their_own_hosts_reach_a_service_through_the_relay_host
     }
     assert_eq!(body, "behind the connector\n", "agent log:\n{}", std::fs::read_to_string(&agent_log).unwrap_or_default());
     // The agent host cannot reach the connector host directly: everything crossed the relay.
-    let metrics = lab.run("relay", "curl", &["-s", "http://127.0.0.1:9090/metrics"]);
-    let forwarded = ztna_e2e::metric_sum(&String::from_utf8_lossy(&metrics.stdout), "ztna_relay_frames_forwarded_total", &[]);
+    let forwarded = lab.relay_metric("ztna_relay_frames_forwarded_total");
     assert!(forwarded >= 4.0, "relay forwarded {forwarded} frames");
 }

@@ -1,0 +1,165 @@
+//! Creating relay sessions through the real control protocol, for `flood` and `sessions`:
+//! one connector registers a service, N agent control connections each ask for a session to
+//! it, and both sides wait for their `SessionOffer`.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ztna_client::{ClientError, ClientTls, ControlClient};
+use ztna_proto::{Message, SessionId};
+
+use crate::handshakes::SOFTWARE;
+
+/// Who creates the sessions (identities from the PKI directory) and to which service.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SessionSetupArgs {
+    /// Relay UDP address.
+    #[arg(long)]
+    pub relay: SocketAddr,
+    /// Directory written by `ztna-relay pki init` (CA and client identities).
+    #[arg(long)]
+    pub pki_dir: PathBuf,
+    /// Agent identity name (one control connection per session, all with this identity).
+    #[arg(long, default_value = "alice")]
+    pub agent: String,
+    /// Connector identity name (one control connection, registered for --service).
+    #[arg(long, default_value = "web-1")]
+    pub connector: String,
+    /// Service the agents connect to.
+    #[arg(long, default_value = "web")]
+    pub service: String,
+    /// Verify the relay certificate against this name (default: CA only).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// Seconds to wait for each handshake and each answer.
+    #[arg(long, default_value_t = 5.0)]
+    pub timeout: f64,
+}
+
+pub struct Established {
+    pub connector: ControlClient,
+    /// One agent control connection per session, in session order.
+    pub agents: Vec<ControlClient>,
+    pub sessions: Vec<SessionId>,
+    pub setup_s: f64,
+}
+
+fn tls(pki_dir: &Path, kind: &str, name: &str) -> Result<ClientTls> {
+    let tls = ClientTls::from_pki_dir(pki_dir, kind, name);
+    for (what, p) in [
+        ("certificate", &tls.cert),
+        ("key", &tls.key),
+        ("CA", &tls.ca),
+    ] {
+        if !p.exists() {
+            bail!(
+                "{kind} {name}: {what} {} does not exist (create the PKI with `ztna-relay pki init --dir {}`)",
+                p.display(),
+                pki_dir.display()
+            );
+        }
+    }
+    Ok(tls)
+}
+
+fn explain(relay: SocketAddr, who: &str, e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Timeout(..) => anyhow::anyhow!(
+            "relay {relay} unreachable: no QUIC handshake as {who} (is the relay running, on this address, and is the path open?): {e}"
+        ),
+        other => anyhow::anyhow!("connecting to the relay {relay} as {who}: {other}"),
+    }
+}
+
+async fn expect_offer(c: &mut ControlClient, who: &str, deadline: Instant) -> Result<SessionId> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.next_message(left).await {
+            Ok(Message::SessionOffer { session, .. }) => return Ok(session),
+            Ok(Message::Error { code, message, .. }) => {
+                bail!("{who}: the relay refused: {code:?}: {message}")
+            }
+            Ok(_) => continue,
+            Err(e) => bail!("{who}: waiting for a session offer: {e}"),
+        }
+    }
+}
+
+/// Creates `n` sessions. Nothing here services the control connections afterwards: the caller
+/// either does (`ControlClient::idle`) or keeps its run shorter than the relay's control idle
+/// timeout (30 s).
+pub async fn establish(a: &SessionSetupArgs, n: usize) -> Result<Established> {
+    if n == 0 {
+        bail!("at least one session is needed");
+    }
+    let started = Instant::now();
+    let timeout = Duration::from_secs_f64(a.timeout);
+    let ctls = tls(&a.pki_dir, "connector", &a.connector)?;
+    let atls = tls(&a.pki_dir, "agent", &a.agent)?;
+    let who_c = format!("connector {}", a.connector);
+    let mut connector =
+        ControlClient::connect(a.relay, a.server_name.as_deref(), &ctls, SOFTWARE, timeout)
+            .await
+            .map_err(|e| explain(a.relay, &who_c, e))?;
+    connector.send(&Message::Register {
+        services: vec![a.service.clone()],
+    })?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match connector
+            .next_message(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
+            Ok(Message::Registered { .. }) => break,
+            Ok(Message::Error { code, message, .. }) => {
+                bail!("{who_c}: registering {}: {code:?}: {message}", a.service)
+            }
+            Ok(_) => continue,
+            Err(e) => bail!("{who_c}: waiting for Registered: {e}"),
+        }
+    }
+    let mut agents = Vec::with_capacity(n);
+    let mut sessions = Vec::with_capacity(n);
+    let mut offered_to_connector: HashSet<SessionId> = HashSet::new();
+    let who_a = format!("agent {}", a.agent);
+    for i in 0..n {
+        let mut agent =
+            ControlClient::connect(a.relay, a.server_name.as_deref(), &atls, SOFTWARE, timeout)
+                .await
+                .map_err(|e| explain(a.relay, &who_a, e))
+                .with_context(|| format!("session {} of {n}", i + 1))?;
+        agent.send(&Message::Connect {
+            request_id: i as u32 + 1,
+            service: a.service.clone(),
+        })?;
+        let deadline = Instant::now() + timeout;
+        let session = expect_offer(&mut agent, &who_a, deadline).await?;
+        while !offered_to_connector.contains(&session) {
+            let s = expect_offer(&mut connector, &who_c, deadline).await.context(
+                "no offer for the agent's session reached our connector: is another connector with this identity registered \
+                 (a previous run's, until the relay's 30 s control idle timeout)?",
+            )?;
+            offered_to_connector.insert(s);
+        }
+        agents.push(agent);
+        sessions.push(session);
+        if (i + 1) % 100 == 0 {
+            eprintln!("-- {} sessions created", i + 1);
+        }
+    }
+    Ok(Established {
+        connector,
+        agents,
+        sessions,
+        setup_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The address the relay bound for a client: its latest QAD report (what the relay saw), or
+/// the local address when there was none.
+pub fn bound_addr(c: &ControlClient) -> SocketAddr {
+    c.observed().unwrap_or_else(|| c.local_addr())
+}
