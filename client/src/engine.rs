@@ -76,7 +76,7 @@ pub enum Event {
     /// Agent: a datagram from a local UDP client (flow ids are per forward).
     UdpIn { service: String, flow: u32, data: Vec<u8> },
     /// Agent: where replies for a service's UDP flows go.
-    UdpReturn { service: String, tx: mpsc::Sender<(u32, Vec<u8>)> },
+    UdpReturn { service: String, tx: UdpReplies },
     Flow(FlowEvent),
     /// Connector: the backend of a stream answered, or did not.
     BackendReady { key: FlowKey, stream: TcpStream },
@@ -84,6 +84,9 @@ pub enum Event {
     /// Connector: a datagram from a UDP backend.
     UdpFromBackend { session: SessionId, flow: u32, data: Vec<u8> },
 }
+
+/// Where an agent's UDP forward takes replies: (flow id, payload).
+pub type UdpReplies = mpsc::Sender<(u32, Vec<u8>)>;
 
 /// One tunnelled TCP flow.
 struct Flow {
@@ -154,7 +157,7 @@ pub struct Engine {
     waiting_udp: HashMap<String, Vec<(u32, Vec<u8>)>>,
     /// Agent: the UDP forwards of each service; flow ids are unique across forwards, and
     /// each forward ignores replies for flows it does not own.
-    udp_return: HashMap<String, Vec<mpsc::Sender<(u32, Vec<u8>)>>>,
+    udp_return: HashMap<String, Vec<UdpReplies>>,
     flows: HashMap<FlowKey, Flow>,
     udp_flows: HashMap<(SessionId, u32), UdpFlow>,
     rxbuf: Vec<u8>,
@@ -495,12 +498,12 @@ impl Engine {
     fn pump_stream_to_local(&mut self, key: FlowKey) {
         let (session, id) = key;
         let connector = matches!(self.cfg.role, Role::Connector { .. });
-        if !self.flows.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.flows.entry(key) {
             if !connector || id % 4 != 0 {
                 return;
             }
             // A new stream from the agent: reach the backend first, read nothing until then.
-            self.flows.insert(key, Flow::new(None));
+            slot.insert(Flow::new(None));
             self.metrics.streams.inc();
             self.metrics.streams_total.inc();
         }

@@ -88,8 +88,8 @@ async fn frames_cross_workers_both_ways_and_strangers_are_dropped() {
     assert_eq!(relay.metric("ztna_relay_dropped_total", &[("reason", "unbound_source")]), 5.0);
     assert_eq!(relay.metric("ztna_relay_dropped_total", &[("reason", "unknown_session")]), 1.0);
     assert_eq!(relay.metric("ztna_relay_dropped_total", &[("reason", "malformed_frame")]), 1.0);
-    assert!(matches!(web.next_frame(Duration::from_millis(200)).await, Err(_)), "nothing leaked to the connector");
-    assert!(matches!(alice.next_frame(Duration::from_millis(200)).await, Err(_)), "nothing leaked to the agent");
+    assert!(web.next_frame(Duration::from_millis(200)).await.is_err(), "nothing leaked to the connector");
+    assert!(alice.next_frame(Duration::from_millis(200)).await.is_err(), "nothing leaked to the agent");
     assert_eq!(relay.metric("ztna_relay_frames_forwarded_total", &[]), (2 * N) as f64);
 
     // After the agent leaves, its session is gone: frames are dropped as unknown.
