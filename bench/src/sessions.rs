@@ -454,33 +454,26 @@ pub fn export_trafgen(a: &ExportTrafgenArgs) -> Result<()> {
         let _ = writeln!(s, "\n/* session {}: {} -> {} */", e.id, e.agent, f.relay);
         s.push_str("{\n");
         for line in fr.chunks(16) {
-            s.push_of_line(line);
+            push_hex_line(&mut s, line);
         }
         s.push_str("}\n");
     }
-    std::fs::write(&a.common.out, s)
-        .with_context(|| format!("writing {}", a.common.out.display()))?;
-    println!(
-        "-- wrote {} ({} frames of {} bytes, relay {})",
-        a.common.out.display(),
-        frames.len(),
-        frames[0].len(),
-        f.relay
-    );
+    write_export(&a.common.out, s.as_bytes(), &frames, &f.relay)
+}
+
+/// One line of a trafgen packet body: `  0x.., 0x..,`.
+fn push_hex_line(s: &mut String, bytes: &[u8]) {
+    s.push_str("  ");
+    let parts: Vec<String> = bytes.iter().map(|b| format!("0x{b:02x}")).collect();
+    s.push_str(&parts.join(", "));
+    s.push_str(",\n");
+}
+
+/// Writes an exported file and says what it holds.
+fn write_export(out: &std::path::Path, bytes: &[u8], frames: &[Vec<u8>], relay: &impl std::fmt::Display) -> Result<()> {
+    std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))?;
+    println!("-- wrote {} ({} frames of {} bytes, relay {relay})", out.display(), frames.len(), frames[0].len());
     Ok(())
-}
-
-trait PushLine {
-    fn push_of_line(&mut self, bytes: &[u8]);
-}
-
-impl PushLine for String {
-    fn push_of_line(&mut self, bytes: &[u8]) {
-        self.push_str("  ");
-        let parts: Vec<String> = bytes.iter().map(|b| format!("0x{b:02x}")).collect();
-        self.push_str(&parts.join(", "));
-        self.push_str(",\n");
-    }
 }
 
 /// Classic pcap (microsecond timestamps, LINKTYPE_ETHERNET), one record per frame.
@@ -509,16 +502,7 @@ pub fn pcap_bytes(frames: &[Vec<u8>]) -> Vec<u8> {
 
 pub fn export_pcap(a: &ExportPcapArgs) -> Result<()> {
     let (f, frames) = frames(&a.common)?;
-    std::fs::write(&a.common.out, pcap_bytes(&frames))
-        .with_context(|| format!("writing {}", a.common.out.display()))?;
-    println!(
-        "-- wrote {} ({} frames of {} bytes, relay {})",
-        a.common.out.display(),
-        frames.len(),
-        frames[0].len(),
-        f.relay
-    );
-    Ok(())
+    write_export(&a.common.out, &pcap_bytes(&frames), &frames, &f.relay)
 }
 
 #[cfg(test)]

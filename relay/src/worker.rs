@@ -63,6 +63,8 @@ struct Ctx {
     scratch: Box<[u8]>,
     incoming: Vec<Incoming>,
     reported_sent: (u64, u64, u64),
+    /// DATA frames forwarded since the last flush (added to the metric once per turn).
+    forwarded: u64,
 }
 
 impl Worker {
@@ -84,6 +86,7 @@ impl Worker {
             scratch: vec![0u8; 64 * 1024].into_boxed_slice(),
             incoming: Vec::with_capacity(16),
             reported_sent: (0, 0, 0),
+            forwarded: 0,
         };
         Ok(Worker { conns: ConnMap::default(), aliases: HashMap::new(), timers: BinaryHeap::new(), dirty: Vec::new(), ctx })
     }
@@ -102,8 +105,9 @@ impl Worker {
             if let Some(Reverse((t, _))) = self.timers.peek() {
                 wait = wait.min(t.saturating_duration_since(now));
             }
-            poll_two(sock_fd, wake_fd, wait);
-            drain_eventfd(wake_fd);
+            if poll_two(sock_fd, wake_fd, wait) {
+                drain_eventfd(wake_fd);
+            }
 
             let now = Instant::now();
             self.handle_inbox(now);
@@ -115,14 +119,19 @@ impl Worker {
                         0
                     }
                 };
+                // Counted once per batch: one atomic add each, not one per datagram.
+                let mut bytes = 0u64;
                 for i in 0..n {
                     let (buf, from, truncated) = rx.get(i);
-                    self.ctx.m.packets_in.inc();
-                    self.ctx.m.bytes_in.inc_by(buf.len() as u64);
+                    bytes += buf.len() as u64;
                     match from {
                         Some(from) if !truncated => self.route(buf, from, now),
                         _ => self.ctx.m.drop(DropReason::malformed_packet),
                     }
+                }
+                if n > 0 {
+                    self.ctx.m.packets_in.inc_by(n as u64);
+                    self.ctx.m.bytes_in.inc_by(bytes);
                 }
                 if n < crate::io::BATCH {
                     break;
@@ -559,6 +568,9 @@ impl Ctx {
         if self.tx.pending() > 0 {
             self.tx.flush();
         }
+        if self.forwarded > 0 {
+            self.m.frames_forwarded.inc_by(std::mem::take(&mut self.forwarded));
+        }
         let (p, b, f) = (self.tx.sent_packets, self.tx.sent_bytes, self.tx.failed);
         let (rp, rb, rf) = self.reported_sent;
         self.m.packets_out.inc_by(p - rp);
@@ -575,7 +587,7 @@ impl Ctx {
             Ok(Frame::Data { session, .. }) => match self.sessions.forward(&session, from, now) {
                 Forward::To(to) => {
                     self.tx.push(to, buf);
-                    self.m.frames_forwarded.inc();
+                    self.forwarded += 1;
                 }
                 Forward::Drop(reason) => self.m.drop(reason),
             },
@@ -880,8 +892,9 @@ impl Ctx {
     }
 }
 
-/// Waits until the socket or the mailbox is readable, or `wait` passes.
-fn poll_two(sock: i32, wake: i32, wait: Duration) {
+/// Waits until the socket or the mailbox is readable, or `wait` passes. True when the
+/// mailbox's eventfd fired (only then is it worth a read to reset it).
+fn poll_two(sock: i32, wake: i32, wait: Duration) -> bool {
     let mut fds = [
         libc::pollfd { fd: sock, events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
@@ -891,6 +904,7 @@ fn poll_two(sock: i32, wake: i32, wait: Duration) {
     let ms = if ms == 0 && !wait.is_zero() { 1 } else { ms };
     // SAFETY: fds is a valid array of two pollfd for the duration of the call.
     unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    fds[1].revents & libc::POLLIN != 0
 }
 
 fn drain_eventfd(fd: i32) {
