@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing need on a fresh Debian 12 machine: cmake and clang
-# (quiche builds BoringSSL; bindgen needs libclang) and promtool (Debian's `prometheus`).
+# (quiche builds BoringSSL; bindgen needs libclang; clang and libbpf-dev build the eBPF
+# programs) and promtool (Debian's `prometheus`).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
@@ -13,6 +14,11 @@ command -v g++ >/dev/null || need+=(g++)
 command -v curl >/dev/null || need+=(curl)
 command -v ethtool >/dev/null || need+=(ethtool)
 command -v trafgen >/dev/null || need+=(netsniff-ng)
+# The relay's eBPF programs (C, built by relay/build.rs) need libbpf's headers; bpftool and
+# nftables are used by the lab tests.
+[ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
+command -v bpftool >/dev/null || need+=(bpftool)
+command -v nft >/dev/null || need+=(nftables)
 
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"

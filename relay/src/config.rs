@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
+pub use crate::ebpf::xdp::XdpMode;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -28,7 +30,65 @@ pub struct Config {
     /// Create a development PKI and policy in `dev_pki_dir` when none of cert, key and CA exist.
     pub dev_pki: bool,
     pub dev_pki_dir: PathBuf,
+    /// Datagram I/O backend of the workers: `auto` (io_uring, else recvmmsg/sendmmsg),
+    /// `uring` (fail if io_uring is unavailable) or `mmsg`.
+    pub io: IoBackend,
     pub limits: Limits,
+    /// Steer datagrams to their owning worker's socket with the SK_REUSEPORT program (falls
+    /// back to user-space hand-offs, with a warning, where eBPF cannot be loaded).
+    pub ebpf_steering: bool,
+    pub xdp: XdpConfig,
+}
+
+/// The XDP fast path (`[xdp]`): off unless interfaces are named.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct XdpConfig {
+    /// Interfaces that carry relay traffic (both the agent and the connector side).
+    pub ifaces: Vec<String>,
+    pub mode: XdpMode,
+    /// Forward DATA frames of mirrored sessions in XDP; false only filters and steers.
+    pub forward: bool,
+    /// Size of the kernel's session mirror; past it, user space forwards the rest.
+    pub max_sessions: u32,
+}
+
+impl Default for XdpConfig {
+    fn default() -> Self {
+        XdpConfig { ifaces: Vec::new(), mode: XdpMode::Native, forward: true, max_sessions: 262_144 }
+    }
+}
+
+impl XdpConfig {
+    pub fn enabled(&self) -> bool {
+        !self.ifaces.is_empty() && self.mode != XdpMode::Off
+    }
+}
+
+/// Which datagram I/O backend the workers use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoBackend {
+    #[default]
+    Auto,
+    Uring,
+    Mmsg,
+}
+
+impl IoBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoBackend::Auto => "auto",
+            IoBackend::Uring => "uring",
+            IoBackend::Mmsg => "mmsg",
+        }
+    }
+}
+
+impl std::fmt::Display for IoBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -50,6 +110,9 @@ pub struct Limits {
     pub control_idle_timeout_secs: u64,
     /// On SIGTERM, how long to wait for connections to close before exiting.
     pub drain_timeout_secs: u64,
+    /// A source over its handshake limit is blocklisted in XDP (its QUIC Initials dropped
+    /// before they reach user space) for this long. Only with XDP on.
+    pub blocklist_secs: u64,
 }
 
 impl Default for Config {
@@ -66,7 +129,10 @@ impl Default for Config {
             policy: dir.join("policy.toml"),
             dev_pki: true,
             dev_pki_dir: dir,
+            io: IoBackend::Auto,
             limits: Limits::default(),
+            ebpf_steering: true,
+            xdp: XdpConfig::default(),
         }
     }
 }
@@ -82,6 +148,7 @@ impl Default for Limits {
             session_idle_timeout_secs: 120,
             control_idle_timeout_secs: 30,
             drain_timeout_secs: 5,
+            blocklist_secs: 10,
         }
     }
 }
@@ -92,6 +159,9 @@ impl Limits {
     }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
+    }
+    pub fn blocklist_for(&self) -> Duration {
+        Duration::from_secs(self.blocklist_secs)
     }
 }
 
@@ -139,6 +209,21 @@ mod tests {
         assert_eq!(c.limits.session_idle_timeout_secs, 120);
         assert_eq!(c.listen, "[::]:4433".parse().unwrap());
         c.validate().unwrap();
+        assert!(!c.xdp.enabled(), "XDP is off unless interfaces are named");
+        let x: Config = toml::from_str("[xdp]\nifaces = [\"a0\", \"c0\"]\nmode = \"skb\"\n").unwrap();
+        assert!(x.xdp.enabled());
+        assert_eq!(x.xdp.mode, XdpMode::Skb);
+        assert!(toml::from_str::<Config>("[xdp]\nmode = \"turbo\"\n").is_err());
+    }
+
+    #[test]
+    fn io_backend_key() {
+        assert_eq!(Config::default().io, IoBackend::Auto);
+        for (text, want) in [("auto", IoBackend::Auto), ("uring", IoBackend::Uring), ("mmsg", IoBackend::Mmsg)] {
+            let c: Config = toml::from_str(&format!("io = \"{text}\"")).unwrap();
+            assert_eq!(c.io, want);
+        }
+        assert!(toml::from_str::<Config>("io = \"epoll\"").is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod control;
+pub mod ebpf;
 pub mod io;
 pub mod metrics;
 pub mod pki;
@@ -37,8 +38,10 @@ pub struct Relay {
 
 impl Relay {
     /// Binds every worker's socket and the admin endpoint, then starts the workers.
-    pub fn start(config: Config) -> Result<Relay> {
+    pub fn start(mut config: Config) -> Result<Relay> {
         config.validate()?;
+        // Resolved once (one warning on fallback); workers then read the concrete backend.
+        config.io = io::resolve(config.io)?;
         let n = config.worker_count()?;
         let policy = Policy::load(&config.policy)?;
         // Fail fast on unreadable TLS material, before binding anything.
@@ -59,15 +62,18 @@ impl Relay {
             inboxes.push(inbox);
         }
         let admin_addr = config.admin;
-        let pin = config.pin_workers;
-        let shared = Arc::new(Shared::new(config, local_addr, policy, n as u8, mailboxes));
+        let cores = if config.pin_workers { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+        let core_of = |i: usize| (!cores.is_empty()).then(|| cores[i % cores.len()]);
+        let worker_cpus: Vec<Option<usize>> = (0..n).map(|i| core_of(i).map(|c| c.id)).collect();
+        let (kernel, kernel_counters) = ebpf::attach(&config, &sockets, local_addr.port(), &worker_cpus)?;
+        let shared = Arc::new(Shared::new(config, local_addr, policy, n as u8, mailboxes, kernel, kernel_counters));
+        shared.metrics.set_io_backend(shared.config.io.as_str());
         let admin = ztna_metrics_http::Endpoint::start(admin_addr, shared.clone())?;
 
-        let cores = if pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
         let mut workers = Vec::with_capacity(n);
         for (i, (socket, inbox)) in sockets.into_iter().zip(inboxes).enumerate() {
             let w = worker::Worker::new(i as u8, shared.clone(), socket, inbox)?;
-            let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+            let core = core_of(i);
             let handle = std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
                 if let Some(core) = core
                     && !core_affinity::set_for_current(core)
@@ -78,7 +84,7 @@ impl Relay {
             })?;
             workers.push(handle);
         }
-        tracing::info!(listen = %local_addr, admin = %admin.addr, workers = n, "relay started");
+        tracing::info!(listen = %local_addr, admin = %admin.addr, workers = n, io = %shared.config.io, "relay started");
         Ok(Relay { shared, workers, admin: Some(admin) })
     }
 

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use ztna_proto::identity::{Identity, Kind};
-use ztna_relay::config::Config;
+use ztna_relay::config::{Config, IoBackend};
 use ztna_relay::pki::{self, CertificateAuthority, DevPkiSpec};
 
 #[global_allocator]
@@ -68,6 +68,22 @@ struct RunArgs {
     /// Session idle timeout in seconds.
     #[arg(long)]
     session_idle_timeout: Option<u64>,
+    /// Datagram I/O backend: auto (io_uring, else recvmmsg/sendmmsg), uring (fail if
+    /// unavailable) or mmsg.
+    #[arg(long, value_enum)]
+    io: Option<IoBackend>,
+    /// Attach the XDP fast path to this interface (repeatable, or comma-separated).
+    #[arg(long = "xdp-iface", value_delimiter = ',')]
+    xdp_ifaces: Vec<String>,
+    /// XDP attach mode (default native; off disables XDP even if the config names interfaces).
+    #[arg(long, value_enum)]
+    xdp_mode: Option<ztna_relay::config::XdpMode>,
+    /// With XDP: only filter and steer, leave DATA-frame forwarding to user space.
+    #[arg(long)]
+    xdp_no_forward: bool,
+    /// Do not load the SK_REUSEPORT steering program (user-space hand-offs only).
+    #[arg(long)]
+    no_ebpf_steering: bool,
 }
 
 #[derive(Subcommand)]
@@ -154,8 +170,13 @@ fn run(args: RunArgs) -> Result<()> {
     if let Some(v) = args.handshake_rate { cfg.limits.handshakes_per_ip_per_sec = v; cfg.limits.handshake_burst = cfg.limits.handshake_burst.max(v) }
     if let Some(v) = args.handshake_burst { cfg.limits.handshake_burst = v }
     if let Some(v) = args.session_idle_timeout { cfg.limits.session_idle_timeout_secs = v }
+    if let Some(v) = args.io { cfg.io = v }
     if args.no_retry { cfg.limits.retry = false }
     if args.no_pin { cfg.pin_workers = false }
+    if !args.xdp_ifaces.is_empty() { cfg.xdp.ifaces = args.xdp_ifaces }
+    if let Some(v) = args.xdp_mode { cfg.xdp.mode = v }
+    if args.xdp_no_forward { cfg.xdp.forward = false }
+    if args.no_ebpf_steering { cfg.ebpf_steering = false }
 
     let nothing_exists = !cfg.cert.exists() && !cfg.key.exists() && !cfg.ca.exists();
     if cfg.dev_pki && nothing_exists {

@@ -106,6 +106,8 @@ pub struct Metrics {
     frames_forwarded: Family<WorkerLabel, Counter>,
     dropped: Family<DropLabel, Counter>,
     handoffs: Family<WorkerLabel, Counter>,
+    rx_no_buffers: Family<WorkerLabel, Counter>,
+    io_backend: Family<Vec<(String, String)>, Gauge>,
     control_connections: Family<WorkerLabel, Gauge>,
     sessions_active: Family<WorkerLabel, Gauge>,
     pub handshakes: Family<ReasonLabel, Counter>,
@@ -120,6 +122,7 @@ pub struct Metrics {
     pub handshake_duration: Histogram,
     pub registered_connectors: Gauge,
     pub reloads: Family<ReasonLabel, Counter>,
+    pub blocklisted: Counter,
 }
 
 impl Metrics {
@@ -133,6 +136,8 @@ impl Metrics {
             frames_forwarded: Family::default(),
             dropped: Family::default(),
             handoffs: Family::default(),
+            rx_no_buffers: Family::default(),
+            io_backend: Family::default(),
             control_connections: Family::default(),
             sessions_active: Family::default(),
             handshakes: Family::default(),
@@ -147,6 +152,7 @@ impl Metrics {
             handshake_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             registered_connectors: Gauge::default(),
             reloads: Family::default(),
+            blocklisted: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("packets_received", "UDP datagrams received, per worker", m.packets_in.clone());
@@ -156,6 +162,12 @@ impl Metrics {
         registry.register("frames_forwarded", "DATA frames forwarded between the two sides of a session", m.frames_forwarded.clone());
         registry.register("dropped", "Datagrams and frames dropped, by worker and reason", m.dropped.clone());
         registry.register("handoffs", "Datagrams received by a worker that does not own them and handed to the owner", m.handoffs.clone());
+        registry.register(
+            "io_rx_buffers_exhausted",
+            "Times a worker's io_uring receive buffer ring ran dry (datagrams wait in the socket buffer meanwhile)",
+            m.rx_no_buffers.clone(),
+        );
+        registry.register("io_backend", "Datagram I/O backend the workers use (1 for the one in use)", m.io_backend.clone());
         registry.register("control_connections", "Open control connections, per worker", m.control_connections.clone());
         registry.register("sessions_active", "Active relay sessions, per owning worker", m.sessions_active.clone());
         registry.register("handshakes", "Control-connection handshakes by result", m.handshakes.clone());
@@ -174,6 +186,7 @@ impl Metrics {
             m.handshake_duration.clone(),
         );
         registry.register("registered_connectors", "Connector registrations (connector, service) currently live", m.registered_connectors.clone());
+        registry.register("blocklist_additions", "Sources put on the XDP blocklist for exceeding the handshake limit", m.blocklisted.clone());
         registry.register("config_reloads", "Certificate and policy reloads (SIGHUP), by result", m.reloads.clone());
         // A gauge fixed at 1 rather than an OpenMetrics `info`, which Prometheus' text
         // parser (and promtool) do not accept.
@@ -190,6 +203,7 @@ impl Metrics {
             let _ = m.bytes_out.get_or_create(&label);
             let _ = m.frames_forwarded.get_or_create(&label);
             let _ = m.handoffs.get_or_create(&label);
+            let _ = m.rx_no_buffers.get_or_create(&label);
             let _ = m.control_connections.get_or_create(&label);
             let _ = m.sessions_active.get_or_create(&label);
         }
@@ -220,12 +234,18 @@ impl Metrics {
             bytes_out: counter(&self.bytes_out),
             frames_forwarded: counter(&self.frames_forwarded),
             handoffs: counter(&self.handoffs),
+            rx_no_buffers: counter(&self.rx_no_buffers),
             control_connections: self.control_connections.get_or_create(&label).clone(),
             sessions_active: self.sessions_active.get_or_create(&label).clone(),
             dropped: DropReason::ALL.map(|reason| {
                 self.dropped.get_or_create(&DropLabel { worker: label.worker.clone(), reason }).clone()
             }),
         }
+    }
+
+    /// Records the backend chosen at start (`uring` or `mmsg`).
+    pub fn set_io_backend(&self, backend: &str) {
+        self.io_backend.get_or_create(&vec![("backend".to_string(), backend.to_string())]).set(1);
     }
 
     pub fn auth_failure(&self, reason: &str) {
@@ -269,6 +289,7 @@ pub struct WorkerMetrics {
     pub bytes_out: Counter,
     pub frames_forwarded: Counter,
     pub handoffs: Counter,
+    pub rx_no_buffers: Counter,
     pub control_connections: Gauge,
     pub sessions_active: Gauge,
     dropped: [Counter; DropReason::ALL.len()],

@@ -9,6 +9,8 @@ use std::time::Instant;
 struct Bucket {
     tokens: f64,
     updated: Instant,
+    /// Set while the source is on the XDP blocklist.
+    blocked_until: Option<Instant>,
 }
 
 pub struct HandshakeLimiter {
@@ -16,11 +18,13 @@ pub struct HandshakeLimiter {
     burst: f64,
     buckets: HashMap<IpAddr, Bucket>,
     max_entries: usize,
+    /// Sources whose block ran out since the last [`HandshakeLimiter::take_unblocked`].
+    unblocked: Vec<IpAddr>,
 }
 
 impl HandshakeLimiter {
     pub fn new(rate_per_sec: f64, burst: f64) -> Self {
-        HandshakeLimiter { rate: rate_per_sec, burst, buckets: HashMap::new(), max_entries: 65_536 }
+        HandshakeLimiter { rate: rate_per_sec, burst, buckets: HashMap::new(), max_entries: 65_536, unblocked: Vec::new() }
     }
 
     /// Takes one token for `ip`; false when the IP is over its limit.
@@ -33,7 +37,7 @@ impl HandshakeLimiter {
             }
         }
         let (rate, burst) = (self.rate, self.burst);
-        let b = self.buckets.entry(ip).or_insert(Bucket { tokens: burst, updated: now });
+        let b = self.buckets.entry(ip).or_insert(Bucket { tokens: burst, updated: now, blocked_until: None });
         let elapsed = now.saturating_duration_since(b.updated).as_secs_f64();
         b.tokens = (b.tokens + elapsed * rate).min(burst);
         b.updated = now;
@@ -45,11 +49,35 @@ impl HandshakeLimiter {
         }
     }
 
-    /// Forgets buckets that have refilled completely (they behave like new ones).
+    /// Marks `ip` (just refused) as blocked for `duration`. Returns the end of the block
+    /// when it is new, `None` when the source is blocked already (nothing to tell XDP).
+    pub fn block(&mut self, ip: IpAddr, now: Instant, duration: std::time::Duration) -> Option<Instant> {
+        let b = self.buckets.get_mut(&ip)?;
+        if b.blocked_until.is_some_and(|t| t > now) {
+            return None;
+        }
+        let until = now + duration;
+        b.blocked_until = Some(until);
+        Some(until)
+    }
+
+    /// Forgets buckets that have refilled completely (they behave like new ones), and ends
+    /// blocks that ran out.
     pub fn sweep(&mut self, now: Instant) {
         let (rate, burst) = (self.rate, self.burst);
-        self.buckets
-            .retain(|_, b| b.tokens + now.saturating_duration_since(b.updated).as_secs_f64() * rate < burst);
+        let unblocked = &mut self.unblocked;
+        self.buckets.retain(|ip, b| {
+            if b.blocked_until.is_some_and(|t| t <= now) {
+                b.blocked_until = None;
+                unblocked.push(*ip);
+            }
+            b.blocked_until.is_some() || b.tokens + now.saturating_duration_since(b.updated).as_secs_f64() * rate < burst
+        });
+    }
+
+    /// Sources whose block ended (to be removed from the kernel's blocklist).
+    pub fn take_unblocked(&mut self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.unblocked.drain(..)
     }
 
     pub fn tracked(&self) -> usize {
@@ -75,5 +103,21 @@ mod tests {
         assert!(!l.allow(a, t0 + Duration::from_millis(100)));
         l.sweep(t0 + Duration::from_secs(10));
         assert_eq!(l.tracked(), 0);
+    }
+
+    #[test]
+    fn blocks_once_until_they_run_out() {
+        let mut l = HandshakeLimiter::new(1.0, 1.0);
+        let t0 = Instant::now();
+        let a: IpAddr = "198.51.100.9".parse().unwrap();
+        assert!(l.allow(a, t0));
+        assert!(!l.allow(a, t0));
+        let until = l.block(a, t0, Duration::from_secs(10)).expect("a new block");
+        assert_eq!(until, t0 + Duration::from_secs(10));
+        assert_eq!(l.block(a, t0 + Duration::from_secs(1), Duration::from_secs(10)), None, "already blocked");
+        l.sweep(t0 + Duration::from_secs(5));
+        assert_eq!(l.take_unblocked().count(), 0);
+        l.sweep(t0 + Duration::from_secs(11));
+        assert_eq!(l.take_unblocked().collect::<Vec<_>>(), vec![a]);
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use ztna_proto::SessionId;
 
+use crate::ebpf::xdp::SessionMirror;
 use crate::metrics::DropReason;
 
 /// Session ids are random (but for the worker byte), so their bytes are already a good hash;
@@ -56,26 +57,54 @@ pub enum Forward {
     Drop(DropReason),
 }
 
+/// The sessions a worker owns. With XDP forwarding on, every change is mirrored into the
+/// kernel's session map here, so no caller can forget to.
 #[derive(Default)]
 pub struct SessionTable {
     sessions: IdMap<Session>,
+    mirror: Option<SessionMirror>,
 }
 
 impl SessionTable {
+    pub fn new(mirror: Option<SessionMirror>) -> Self {
+        SessionTable { sessions: IdMap::default(), mirror }
+    }
+
     pub fn insert(&mut self, id: SessionId, s: Session) {
+        if let Some(m) = &self.mirror {
+            m.upsert(&id, s.agent_addr, s.connector_addr);
+        }
         self.sessions.insert(id, s);
     }
 
     pub fn remove(&mut self, id: &SessionId) -> Option<Session> {
-        self.sessions.remove(id)
+        let s = self.sessions.remove(id)?;
+        if let Some(m) = &self.mirror {
+            m.remove(id);
+        }
+        Some(s)
+    }
+
+    /// The agent's validated address moved (QUIC migration or NAT rebinding).
+    pub fn rebind_agent(&mut self, id: &SessionId, addr: SocketAddr) {
+        self.rebind(id, |s| s.agent_addr = addr);
+    }
+
+    /// The connector's validated address moved.
+    pub fn rebind_connector(&mut self, id: &SessionId, addr: SocketAddr) {
+        self.rebind(id, |s| s.connector_addr = addr);
+    }
+
+    fn rebind(&mut self, id: &SessionId, change: impl FnOnce(&mut Session)) {
+        let Some(s) = self.sessions.get_mut(id) else { return };
+        change(s);
+        if let Some(m) = &self.mirror {
+            m.upsert(id, s.agent_addr, s.connector_addr);
+        }
     }
 
     pub fn get(&self, id: &SessionId) -> Option<&Session> {
         self.sessions.get(id)
-    }
-
-    pub fn get_mut(&mut self, id: &SessionId) -> Option<&mut Session> {
-        self.sessions.get_mut(id)
     }
 
     pub fn len(&self) -> usize {
@@ -109,16 +138,26 @@ impl SessionTable {
         Forward::To(to)
     }
 
-    /// Removes and returns sessions idle for longer than `idle`.
+    /// Removes and returns sessions idle for longer than `idle`. Frames XDP forwarded never
+    /// reached this table, so a session idle here asks the kernel mirror when it last moved.
     pub fn expire(&mut self, now: Instant, idle: Duration, out: &mut Vec<(SessionId, Session)>) {
-        let expired: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| now.saturating_duration_since(s.last_active) > idle)
-            .map(|(id, _)| *id)
-            .collect();
+        let mut expired = Vec::new();
+        for (id, s) in self.sessions.iter_mut() {
+            if now.saturating_duration_since(s.last_active) <= idle {
+                continue;
+            }
+            if let Some(seen) = self.mirror.as_ref().and_then(|m| m.last_seen(id, now))
+                && seen > s.last_active
+            {
+                s.last_active = seen;
+                if now.saturating_duration_since(seen) <= idle {
+                    continue;
+                }
+            }
+            expired.push(*id);
+        }
         for id in expired {
-            if let Some(s) = self.sessions.remove(&id) {
+            if let Some(s) = self.remove(&id) {
                 out.push((id, s));
             }
         }

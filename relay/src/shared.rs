@@ -143,17 +143,31 @@ pub struct Shared {
     /// Bumped after a successful SIGHUP reload; workers rebuild their TLS config.
     pub generation: AtomicU64,
     pub running_workers: AtomicUsize,
+    /// The eBPF programs attached for this relay (detached when it goes).
+    pub kernel: crate::ebpf::Kernel,
 }
 
 impl Shared {
-    pub fn new(config: Config, local_addr: SocketAddr, policy: Policy, workers: u8, mailboxes: Vec<Mailbox>) -> Self {
+    pub fn new(
+        config: Config,
+        local_addr: SocketAddr,
+        policy: Policy,
+        workers: u8,
+        mailboxes: Vec<Mailbox>,
+        kernel: crate::ebpf::Kernel,
+        kernel_counters: crate::ebpf::counters::KernelCounters,
+    ) -> Self {
+        let mut metrics = Metrics::new(workers as usize);
+        // Summed from the programs' per-CPU maps at scrape time.
+        metrics.registry.register_collector(Box::new(kernel_counters));
         Shared {
+            kernel,
             workers,
             local_addr,
             policy: RwLock::new(Arc::new(policy)),
             registry: Mutex::new(Registry::default()),
             retry_key: RetryKey::random(),
-            metrics: Metrics::new(workers as usize),
+            metrics,
             handoff_pools: (0..workers).map(|_| HandoffPool::new()).collect(),
             mailboxes,
             draining: AtomicBool::new(false),

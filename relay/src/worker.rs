@@ -10,7 +10,6 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::hash::BuildHasherDefault;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use ztna_proto::steering::{self, Owner};
 use ztna_proto::{CONTROL_VERSION, ErrorCode, ID_LEN, Message, SessionId};
 
 use crate::control::{ConnKey, ControlConn, Incoming, MAX_OUTBOX, State, close_code};
-use crate::io::mmsg::{RxBatch, TxQueue};
+use crate::io::Datapath;
 use crate::metrics::{DropReason, WorkerMetrics};
 use crate::policy::Decision;
 use crate::ratelimit::HandshakeLimiter;
@@ -53,16 +52,21 @@ struct Ctx {
     index: u8,
     shared: Arc<Shared>,
     m: WorkerMetrics,
+    /// Owns the descriptor the datapath sends and receives on.
+    #[allow(dead_code)]
     socket: UdpSocket,
-    tx: TxQueue,
+    tx: Datapath,
     inbox: Inbox,
     quic_config: quiche::Config,
     generation: u64,
     sessions: SessionTable,
+    /// The kernel's session map and blocklist, when XDP is on.
+    mirror: Option<crate::ebpf::xdp::SessionMirror>,
     limiter: HandshakeLimiter,
     scratch: Box<[u8]>,
     incoming: Vec<Incoming>,
     reported_sent: (u64, u64, u64),
+    reported_no_buffers: u64,
     /// DATA frames forwarded since the last flush (added to the metric once per turn).
     forwarded: u64,
 }
@@ -71,7 +75,10 @@ impl Worker {
     pub fn new(index: u8, shared: Arc<Shared>, socket: UdpSocket, inbox: Inbox) -> anyhow::Result<Self> {
         let quic_config = tls::server_config(&shared.config)?;
         let limits = &shared.config.limits;
-        let tx = TxQueue::new(&socket, shared.local_addr.is_ipv6());
+        let wake_fd = shared.mailboxes[index as usize].wake_fd();
+        let tx = Datapath::new(shared.config.io, &socket, shared.local_addr.is_ipv6(), wake_fd)
+            .map_err(|e| e.context(format!("worker {index}")))?;
+        let mirror = shared.kernel.session_mirror();
         let ctx = Ctx {
             index,
             m: shared.metrics.worker(index as usize),
@@ -82,10 +89,12 @@ impl Worker {
             tx,
             inbox,
             quic_config,
-            sessions: SessionTable::default(),
+            sessions: SessionTable::new(mirror.clone()),
             scratch: vec![0u8; 64 * 1024].into_boxed_slice(),
+            mirror,
             incoming: Vec::with_capacity(16),
             reported_sent: (0, 0, 0),
+            reported_no_buffers: 0,
             forwarded: 0,
         };
         Ok(Worker { conns: ConnMap::default(), aliases: HashMap::new(), timers: BinaryHeap::new(), dirty: Vec::new(), ctx })
@@ -94,29 +103,26 @@ impl Worker {
     pub fn run(mut self) {
         let shared = self.ctx.shared.clone();
         shared.running_workers.fetch_add(1, Ordering::Relaxed);
-        let mut rx = RxBatch::new();
+        // Apart from self.ctx.tx so datagrams can be borrowed while self handles them.
+        let mut rx = self.ctx.tx.rx_batch();
         let mut next_maintenance = Instant::now() + MAINTENANCE_EVERY;
         let mut drain_deadline: Option<Instant> = None;
-        let sock_fd = self.ctx.socket.as_raw_fd();
-        let wake_fd = shared.mailboxes[self.ctx.index as usize].wake_fd();
         loop {
             let now = Instant::now();
             let mut wait = next_maintenance.saturating_duration_since(now);
             if let Some(Reverse((t, _))) = self.timers.peek() {
                 wait = wait.min(t.saturating_duration_since(now));
             }
-            if poll_two(sock_fd, wake_fd, wait) {
-                drain_eventfd(wake_fd);
-            }
+            self.ctx.tx.wait(&mut rx, wait);
 
             let now = Instant::now();
             self.handle_inbox(now);
             for _ in 0..RECV_BATCHES_PER_TURN {
-                let n = match rx.recv(sock_fd) {
-                    Ok(n) => n,
+                let (n, more) = match self.ctx.tx.recv(&mut rx) {
+                    Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(worker = self.ctx.index, error = %e, "recvmmsg failed");
-                        0
+                        (0, false)
                     }
                 };
                 // Counted once per batch: one atomic add each, not one per datagram.
@@ -133,7 +139,7 @@ impl Worker {
                     self.ctx.m.packets_in.inc_by(n as u64);
                     self.ctx.m.bytes_in.inc_by(bytes);
                 }
-                if n < crate::io::BATCH {
+                if !more {
                     break;
                 }
             }
@@ -226,11 +232,7 @@ impl Worker {
                     }
                 }
                 WorkerMsg::EndSession { session, reason } => self.end_session(session, reason, Some(Role::Connector)),
-                WorkerMsg::ConnectorMoved { session, addr } => {
-                    if let Some(s) = self.ctx.sessions.get_mut(&session) {
-                        s.connector_addr = addr;
-                    }
-                }
+                WorkerMsg::ConnectorMoved { session, addr } => self.ctx.sessions.rebind_connector(&session, addr),
             }
         }
     }
@@ -308,6 +310,14 @@ impl Worker {
             (ctx.new_conn_id(&self.conns), None)
         };
         if !ctx.limiter.allow(from.ip(), now) {
+            // Over the limit: let XDP drop this source's Initials for a while, before
+            // they cost a wake-up and a Retry check here.
+            if let Some(m) = &ctx.mirror
+                && let Some(until) = ctx.limiter.block(from.ip(), now, ctx.shared.config.limits.blocklist_for())
+            {
+                m.block(from.ip(), until, now);
+                ctx.shared.metrics.blocklisted.inc();
+            }
             return ctx.m.drop(DropReason::rate_limited);
         }
         let odcid_ref = odcid.as_deref().map(quiche::ConnectionId::from_ref);
@@ -485,6 +495,11 @@ impl Worker {
             self.notify_session_end(id, &s, ErrorCode::IdleTimeout, None);
         }
         self.ctx.limiter.sweep(now);
+        for ip in self.ctx.limiter.take_unblocked() {
+            if let Some(m) = &self.ctx.mirror {
+                m.unblock_expired(ip);
+            }
+        }
         let generation = self.ctx.shared.generation.load(Ordering::Relaxed);
         if generation != self.ctx.generation {
             self.ctx.generation = generation;
@@ -571,7 +586,7 @@ impl Ctx {
         if self.forwarded > 0 {
             self.m.frames_forwarded.inc_by(std::mem::take(&mut self.forwarded));
         }
-        let (p, b, f) = (self.tx.sent_packets, self.tx.sent_bytes, self.tx.failed);
+        let (p, b, f) = self.tx.sent_totals();
         let (rp, rb, rf) = self.reported_sent;
         self.m.packets_out.inc_by(p - rp);
         self.m.bytes_out.inc_by(b - rb);
@@ -579,6 +594,11 @@ impl Ctx {
             self.m.drop(DropReason::send_failed);
         }
         self.reported_sent = (p, b, f);
+        let nb = self.tx.rx_no_buffers();
+        if nb != self.reported_no_buffers {
+            self.m.rx_no_buffers.inc_by(nb - self.reported_no_buffers);
+            self.reported_no_buffers = nb;
+        }
     }
 
     /// Relay frames: DATA forwarding (the hot path) and stateless QAD probes.
@@ -874,9 +894,7 @@ impl Ctx {
             match conn.identity.as_ref().map(|i| i.kind) {
                 Some(Kind::Agent) => {
                     for s in &conn.sessions {
-                        if let Some(s) = self.sessions.get_mut(s) {
-                            s.agent_addr = peer;
-                        }
+                        self.sessions.rebind_agent(s, peer);
                     }
                 }
                 Some(Kind::Connector) => {
@@ -890,25 +908,4 @@ impl Ctx {
             }
         }
     }
-}
-
-/// Waits until the socket or the mailbox is readable, or `wait` passes. True when the
-/// mailbox's eventfd fired (only then is it worth a read to reset it).
-fn poll_two(sock: i32, wake: i32, wait: Duration) -> bool {
-    let mut fds = [
-        libc::pollfd { fd: sock, events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
-    ];
-    let ms = wait.as_millis().min(1000) as i32;
-    // Round sub-millisecond waits up so a due timer is not spun on.
-    let ms = if ms == 0 && !wait.is_zero() { 1 } else { ms };
-    // SAFETY: fds is a valid array of two pollfd for the duration of the call.
-    unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
-    fds[1].revents & libc::POLLIN != 0
-}
-
-fn drain_eventfd(fd: i32) {
-    let mut v: u64 = 0;
-    // SAFETY: reading 8 bytes into a valid u64 from our non-blocking eventfd.
-    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
 }

@@ -4,6 +4,7 @@ use std::io;
 use std::mem;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
 
 use super::sockaddr::{from_storage, to_storage};
 use super::{BATCH, MAX_DATAGRAM};
@@ -204,6 +205,21 @@ impl TxQueue {
         }
         self.count = 0;
     }
+}
+
+/// Waits until the socket or the mailbox is readable, or `wait` passes. True when the
+/// mailbox's eventfd fired (only then is it worth a read to reset it).
+pub fn poll_two(sock: RawFd, wake: RawFd, wait: Duration) -> bool {
+    let mut fds = [
+        libc::pollfd { fd: sock, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
+    ];
+    let ms = wait.as_millis().min(1000) as i32;
+    // Round sub-millisecond waits up so a due timer is not spun on.
+    let ms = if ms == 0 && !wait.is_zero() { 1 } else { ms };
+    // SAFETY: fds is a valid array of two pollfd for the duration of the call.
+    unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    fds[1].revents & libc::POLLIN != 0
 }
 
 // SAFETY: the raw pointers inside the C headers only ever point into buffers owned by the
