@@ -53,6 +53,13 @@ up() {
             ip netns exec "$1" ethtool -K "$2" tx off >/dev/null 2>&1 || true
         fi
     done
+    # XDP_REDIRECT from a0/c0 (the relay's XDP fast path) hands frames to the peer veth's NAPI
+    # instance, which a veth has only with GRO on or an XDP program attached: turn GRO on at
+    # the far ends (a1, c1). Plain UDP is not coalesced by it (no UDP GRO socket, no forwarding).
+    if command -v ethtool >/dev/null; then
+        ip netns exec "$NS_A" ethtool -K a1 gro on >/dev/null 2>&1 || true
+        ip netns exec "$NS_C" ethtool -K c1 gro on >/dev/null 2>&1 || true
+    fi
 }
 
 case "${1:-}" in

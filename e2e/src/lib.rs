@@ -218,6 +218,7 @@ unsafe extern "C" {
 }
 
 pub const SIGHUP: i32 = 1;
+pub const SIGKILL: i32 = 9;
 pub const SIGTERM: i32 = 15;
 
 impl Drop for Relay {
@@ -424,8 +425,20 @@ impl Lab {
         c
     }
 
+    /// Sends `signal` to the process started by the `index`-th [`Lab::spawn`] and waits for
+    /// it when the signal is fatal.
+    pub fn signal(&mut self, index: usize, signal: i32) {
+        let child = &mut self.children[index];
+        // SAFETY: kill(2) on the pid of a child we own and have not reaped.
+        unsafe { libc_kill(child.id() as i32, signal) };
+        if signal == SIGKILL {
+            let _ = child.wait();
+        }
+    }
+
     /// Starts a long-running process in a host; stderr goes to `log`, stdout next to it.
-    pub fn spawn(&mut self, host: &str, program: &Path, args: &[&str], log: &Path) {
+    /// Returns its index for [`Lab::signal`].
+    pub fn spawn(&mut self, host: &str, program: &Path, args: &[&str], log: &Path) -> usize {
         let child = self
             .cmd(host, program)
             .args(args)
@@ -435,6 +448,7 @@ impl Lab {
             .spawn()
             .expect("spawn in lab");
         self.children.push(child);
+        self.children.len() - 1
     }
 
     /// Runs a command in a host to completion.

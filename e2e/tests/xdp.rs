@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ztna_e2e::{Lab, Pki, bin, metric_sum, wait_for_log};
+use ztna_e2e::{Lab, Pki, SIGKILL, bin, metric_sum, wait_for_log};
 
 /// Size of the file fetched through the tunnel: enough for over a thousand DATA frames.
 const FILE_LEN: usize = 2 << 20;
@@ -18,6 +18,7 @@ struct Run {
     lab: Lab,
     dir: PathBuf,
     relay_log: PathBuf,
+    relay_starts: usize,
 }
 
 fn s(p: &Path) -> String {
@@ -34,30 +35,50 @@ fn xdp(text: &str, result: &str) -> f64 {
 }
 
 fn start(tag: &str, pki: &Pki, mode: &str) -> Run {
-    let dir = pki.path().to_path_buf();
-    let mut lab = Lab::up(tag);
-    let relay_log = dir.join(format!("relay-{mode}.log"));
-    lab.spawn(
-        "relay",
-        &bin("ztna-relay"),
-        &[
-            "--listen", "[::]:4433", "--admin", "127.0.0.1:9090", "--workers", "2",
-            "--xdp-iface", "a0,c0", "--xdp-mode", mode,
-            "--cert", &s(&dir.join("relay.pem")), "--key", &s(&dir.join("relay.key")),
-            "--ca", &s(&dir.join("ca.pem")), "--policy", &s(&dir.join("policy.toml")),
-        ],
-        &relay_log,
-    );
-    wait_for_log(&relay_log, "relay started", Duration::from_secs(10));
-    let www = dir.join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    let data: Vec<u8> = (0..FILE_LEN).map(|i| (i as u32).wrapping_mul(2654435761).to_be_bytes()[0]).collect();
-    std::fs::write(www.join("blob"), &data).unwrap();
-    lab.spawn("conn", Path::new("python3"), &["-m", "http.server", "8000", "--bind", "::", "--directory", &s(&www)], &dir.join("backend.log"));
-    Run { lab, dir, relay_log }
+    let mut run = Run::lab(tag, pki);
+    run.start_relay(mode, &[]);
+    run
 }
 
 impl Run {
+    /// The lab and a web server with the test file on the connector host.
+    fn lab(tag: &str, pki: &Pki) -> Run {
+        let dir = pki.path().to_path_buf();
+        let mut lab = Lab::up(tag);
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www).unwrap();
+        let data: Vec<u8> = (0..FILE_LEN).map(|i| (i as u32).wrapping_mul(2654435761).to_be_bytes()[0]).collect();
+        std::fs::write(www.join("blob"), &data).unwrap();
+        lab.spawn("conn", Path::new("python3"), &["-m", "http.server", "8000", "--bind", "::", "--directory", &s(&www)], &dir.join("backend.log"));
+        let relay_log = dir.join("relay.log");
+        Run { lab, dir, relay_log, relay_starts: 0 }
+    }
+
+    /// Starts the relay with XDP on both of its interfaces; returns its index in the lab.
+    fn start_relay(&mut self, mode: &str, extra: &[&str]) -> usize {
+        let d = self.dir.clone();
+        self.relay_starts += 1;
+        self.relay_log = d.join(format!("relay-{mode}-{}.log", self.relay_starts));
+        let mut args = vec![
+            "--listen".to_string(), "[::]:4433".into(), "--admin".into(), "127.0.0.1:9090".into(), "--workers".into(), "2".into(),
+            "--xdp-iface".into(), "a0,c0".into(), "--xdp-mode".into(), mode.into(),
+            "--cert".into(), s(&d.join("relay.pem")), "--key".into(), s(&d.join("relay.key")),
+            "--ca".into(), s(&d.join("ca.pem")), "--policy".into(), s(&d.join("policy.toml")),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = self.relay_log.clone();
+        let index = self.lab.spawn("relay", &bin("ztna-relay"), &args, &log);
+        wait_for_log(&log, "relay started", Duration::from_secs(10));
+        index
+    }
+
+    /// The XDP program attached to a relay interface, as `ip` reports it.
+    fn attached(&self, iface: &str) -> Option<String> {
+        let out = self.lab.run("relay", "ip", &["-d", "-j", "link", "show", "dev", iface]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        Some(v.get(0)?.get("xdp")?.get("prog")?.get("name")?.as_str()?.to_string())
+    }
     /// Connector and agent talking to the relay over one address family; fetches the file
     /// through the tunnel and checks it. Returns the agent's local port.
     fn fetch(&mut self, family: &str, relay_agent_side: &str, relay_conn_side: &str, port: u16) {
@@ -173,4 +194,62 @@ fn xdp_skb_forwards_data_frames_in_the_kernel() {
 #[test]
 fn xdp_off_forwards_the_same_traffic_in_user_space() {
     check_mode("xo", "off");
+}
+
+/// An earlier relay's leftovers: its XDP program still attached through netlink (which
+/// outlives the process that attached it) and a socket still in the port's reuseport group.
+/// The new relay must replace the one and steer around the other; after a SIGKILL nothing
+/// of it stays attached (its programs hang on file descriptors), and it starts again.
+#[test]
+fn a_relay_comes_up_clean_over_an_earlier_instances_leftovers() {
+    let pki = Pki::new("xl");
+    let mut run = Run::lab("xl", &pki);
+    let obj = run.dir.join("xdp_relay.o");
+    std::fs::write(&obj, ztna_relay::ebpf::maps::XDP_OBJECT).unwrap();
+    let out = run.lab.run("relay", "ip", &["link", "set", "dev", "a0", "xdpgeneric", "obj", &s(&obj), "sec", "xdp"]);
+    assert!(out.status.success(), "planting a leftover: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(run.attached("a0").as_deref(), Some("ztna_xdp"));
+    let holder = "import socket, time\ns = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\ns.bind(('::', 4433))\ntime.sleep(120)\n";
+    run.lab.spawn("relay", Path::new("python3"), &["-c", holder], &run.dir.join("holder.log"));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let relay = run.start_relay("native", &[]);
+    assert!(std::fs::read_to_string(&run.relay_log).unwrap().contains("removing the XDP program a previous relay left attached"));
+    run.fetch("v4", "192.0.2.1:4433", "198.51.100.1:4433", 8080);
+    let m = relay_metrics(&run.lab);
+    assert!(xdp(&m, "forwarded_redirect") > 1000.0, "XDP forwarded {}", xdp(&m, "forwarded_redirect"));
+    let steered = metric_sum(&m, "ztna_relay_reuseport_steering_total", &[("result", "by_id")]);
+    assert!(steered > 10.0, "reuseport steering placed {steered} datagrams by id");
+
+    run.lab.signal(relay, SIGKILL);
+    assert_eq!(run.attached("a0"), None, "a killed relay left XDP attached to a0");
+    assert_eq!(run.attached("c0"), None, "a killed relay left XDP attached to c0");
+    run.start_relay("native", &[]);
+    assert_eq!(run.attached("a0").as_deref(), Some("ztna_xdp"));
+    let agent = bin("ztna-agent");
+    let out = run.lab.run("agent", agent.to_str().unwrap(), &["check", "--relay", "192.0.2.1:4433", "--pki-dir", &s(&run.dir), "--name", "alice"]);
+    assert!(out.status.success(), "check after restart: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A source over the handshake limit goes on the XDP blocklist: its further QUIC Initials
+/// are dropped in the kernel, and the relay counts both.
+#[test]
+fn sources_over_the_handshake_limit_are_blocklisted_in_xdp() {
+    let pki = Pki::new("xb");
+    let mut run = Run::lab("xb", &pki);
+    run.start_relay("skb", &["--handshake-rate", "0.1", "--handshake-burst", "1"]);
+    let agent = bin("ztna-agent");
+    let check = |run: &Run| {
+        run.lab.run("agent", agent.to_str().unwrap(), &["check", "--relay", "192.0.2.1:4433", "--pki-dir", &s(&run.dir), "--name", "alice", "--timeout", "2"])
+    };
+    assert!(check(&run).status.success(), "the first handshake is within the limit");
+    for _ in 0..2 {
+        assert!(!check(&run).status.success(), "later handshakes are over the limit");
+    }
+    let m = relay_metrics(&run.lab);
+    let added = metric_sum(&m, "ztna_relay_blocklist_additions_total", &[]);
+    let rate_limited = metric_sum(&m, "ztna_relay_dropped_total", &[("reason", "rate_limited")]);
+    assert_eq!(added, 1.0, "one blocklist entry");
+    assert!(rate_limited >= 1.0);
+    assert!(xdp(&m, "dropped_blocklisted") >= 1.0, "XDP dropped {} blocklisted Initials", xdp(&m, "dropped_blocklisted"));
 }

@@ -57,7 +57,7 @@ pub enum Forward {
     Drop(DropReason),
 }
 
-/// The sessions a worker owns. With XDP forwarding on, every change is mirrored into the
+/// The sessions a worker owns. With XDP on, every change is mirrored into the
 /// kernel's session map here, so no caller can forget to.
 #[derive(Default)]
 pub struct SessionTable {

@@ -51,10 +51,11 @@ pub struct XdpOptions<'a> {
 /// The attached program. Dropping it detaches the program from every interface (aya owns
 /// the links; they are file descriptors, so even a killed relay leaves nothing attached).
 pub struct XdpPath {
-    ebpf: Ebpf,
+    /// Owns the program and its links: dropping it detaches.
+    _ebpf: Ebpf,
     maps: Arc<MapFds>,
-    /// Forwarding sysctls the relay switched on, restored to 0 when it goes.
-    switched_on: Vec<String>,
+    /// Forwarding sysctls the relay switched on, restored when it goes.
+    _forwarding: ForwardingSysctls,
     pub ifaces: Vec<String>,
     pub mode: XdpMode,
 }
@@ -116,14 +117,17 @@ impl XdpPath {
 
         let prog: &mut Xdp = ebpf.program_mut(PROGRAM).context("XDP program missing")?.try_into()?;
         prog.load().context("the kernel refused the XDP program")?;
-        let mut switched_on = Vec::new();
+        for name in o.ifaces {
+            remove_leftover(name)?;
+        }
+        // Restored by the guard's drop if anything below fails.
+        let mut forwarding = ForwardingSysctls::default();
         if o.forward {
             for name in o.ifaces {
-                enable_forwarding(name, &mut switched_on)?;
+                forwarding.enable(name)?;
             }
         }
         for name in o.ifaces {
-            remove_leftover(name)?;
             prog.attach(name, aya_mode).with_context(|| {
                 format!("attaching XDP to {name} in {} mode (does the driver support it? try --xdp-mode skb)", mode_name(o.mode))
             })?;
@@ -137,7 +141,7 @@ impl XdpPath {
             strict: AtomicBool::new(true),
             mirror_failures: AtomicU64::new(0),
         });
-        Ok((XdpPath { ebpf, maps, switched_on, ifaces: o.ifaces.to_vec(), mode: o.mode }, counters))
+        Ok((XdpPath { _ebpf: ebpf, maps, _forwarding: forwarding, ifaces: o.ifaces.to_vec(), mode: o.mode }, counters))
     }
 
     pub fn mirror(&self) -> SessionMirror {
@@ -153,34 +157,11 @@ impl XdpPath {
 
 impl Drop for XdpPath {
     fn drop(&mut self) {
-        // The links go with `self.ebpf`; say so for the operator.
-        let _ = &self.ebpf;
+        // The links are detached when `self._ebpf` drops, right after this; say so for the operator.
         for iface in &self.ifaces {
             tracing::info!(iface = %iface, "XDP detached");
         }
-        for path in &self.switched_on {
-            if let Err(e) = std::fs::write(path, "0") {
-                tracing::warn!(path, error = %e, "could not restore a forwarding sysctl");
-            }
-        }
     }
-}
-
-/// `bpf_fib_lookup` answers only for interfaces with forwarding on (it checks the ingress
-/// device's `forwarding` setting, IPv4 and IPv6). Turn it on for the XDP interfaces and
-/// remember to turn it off again. The relay still routes nothing itself: packets to other
-/// hosts are the host firewall's business (see docs/OPERATIONS.md).
-fn enable_forwarding(iface: &str, switched_on: &mut Vec<String>) -> Result<()> {
-    for family in ["ipv4", "ipv6"] {
-        let path = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
-        let Ok(value) = std::fs::read_to_string(&path) else { continue };
-        if value.trim() == "0" {
-            std::fs::write(&path, "1").with_context(|| format!("enabling {path} (XDP forwarding needs it for bpf_fib_lookup)"))?;
-            tracing::info!(iface, family, "enabled forwarding on the interface for XDP's route lookups");
-            switched_on.push(path);
-        }
-    }
-    Ok(())
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<MapData> {
@@ -209,6 +190,40 @@ fn ifindex(name: &str) -> Result<u32> {
     Ok(i)
 }
 
+/// `bpf_fib_lookup` answers only for interfaces with forwarding on (it checks the ingress
+/// device's `forwarding` setting, IPv4 and IPv6). The relay turns it on for its XDP
+/// interfaces and off again when it goes. It still routes nothing itself: packets to other
+/// hosts are the host firewall's business (see docs/OPERATIONS.md).
+#[derive(Default)]
+struct ForwardingSysctls {
+    switched_on: Vec<String>,
+}
+
+impl ForwardingSysctls {
+    fn enable(&mut self, iface: &str) -> Result<()> {
+        for family in ["ipv4", "ipv6"] {
+            let path = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
+            let Ok(value) = std::fs::read_to_string(&path) else { continue };
+            if value.trim() == "0" {
+                std::fs::write(&path, "1").with_context(|| format!("enabling {path} (XDP forwarding needs it for bpf_fib_lookup)"))?;
+                tracing::info!(iface, family, "enabled forwarding on the interface for XDP's route lookups");
+                self.switched_on.push(path);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ForwardingSysctls {
+    fn drop(&mut self) {
+        for path in &self.switched_on {
+            if let Err(e) = std::fs::write(path, "0") {
+                tracing::warn!(path, error = %e, "could not restore a forwarding sysctl");
+            }
+        }
+    }
+}
+
 /// An XDP program attached through netlink outlives the process that attached it. If the
 /// one on `iface` is the relay's own (a previous instance), remove it; if it belongs to
 /// something else, refuse rather than take the interface over.
@@ -218,6 +233,10 @@ fn remove_leftover(iface: &str) -> Result<()> {
     };
     let text = String::from_utf8_lossy(&out.stdout);
     let Some(name) = attached_program_name(&text) else { return Ok(()) };
+    if name.is_empty() {
+        // Reading a program's name takes CAP_SYS_ADMIN, which the relay need not have.
+        bail!("{iface} already has an XDP program the relay cannot identify without CAP_SYS_ADMIN; if it is an earlier relay's, remove it (ip link set dev {iface} xdp off)");
+    }
     if name != PROGRAM {
         bail!("{iface} already has an XDP program ({name:?}) that is not the relay's; remove it first (ip link set dev {iface} xdp off)");
     }

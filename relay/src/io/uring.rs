@@ -28,8 +28,9 @@ use super::sockaddr::{from_storage, to_storage};
 const SQ_ENTRIES: u32 = 512;
 const CQ_ENTRIES: u32 = 4096;
 const BGID: u16 = 0;
-/// Receive buffers with GRO: each holds a whole coalesced burst (up to 64 KiB).
-const RX_BUFS_GRO: u16 = 128;
+/// Receive buffers with GRO: each holds a whole coalesced burst (up to 64 KiB). 128 ran dry
+/// noticeably more often under a flood (docs/DESIGN.md §4.1).
+const RX_BUFS_GRO: u16 = 256;
 /// Receive buffers without GRO: one datagram each.
 const RX_BUFS_PLAIN: u16 = 1024;
 const GRO_PAYLOAD: usize = 65_536;
