@@ -80,7 +80,7 @@ impl Run {
         Some(v.get(0)?.get("xdp")?.get("prog")?.get("name")?.as_str()?.to_string())
     }
     /// Connector and agent talking to the relay over one address family; fetches the file
-    /// through the tunnel and checks it. Returns the agent's local port.
+    /// through the tunnel and checks it byte for byte.
     fn fetch(&mut self, family: &str, relay_agent_side: &str, relay_conn_side: &str, port: u16) {
         let d = self.dir.clone();
         let conn_log = d.join(format!("connector-{family}.log"));
@@ -88,7 +88,7 @@ impl Run {
         self.lab.spawn(
             "conn",
             &bin("ztna-connector"),
-            &["--relay", relay_conn_side, "--pki-dir", &s(&d), "--name", "web-1", "--service", &format!("web=localhost:8000")],
+            &["--relay", relay_conn_side, "--pki-dir", &s(&d), "--name", "web-1", "--service", "web=localhost:8000"],
             &conn_log,
         );
         wait_for_log(&conn_log, "registered", Duration::from_secs(10));
