@@ -64,6 +64,11 @@ pub struct FloodArgs {
     /// Milliseconds the sink keeps reading after the last send.
     #[arg(long, default_value_t = 500)]
     pub drain_ms: u64,
+    /// Send the DATA frames straight to the connector's address instead of the relay's (the
+    /// sessions are still made through the relay): the reference path for the relay's added
+    /// latency, where the network routes between the agent and the connector (the lab does).
+    #[arg(long)]
+    pub direct: bool,
     /// Relay process id: report its CPU seconds per million forwarded frames.
     #[arg(long)]
     pub relay_pid: Option<u32>,
@@ -84,6 +89,8 @@ pub struct LatencyUs {
 #[derive(Debug, Clone, Serialize)]
 pub struct FloodReport {
     pub relay: SocketAddr,
+    /// The frames went straight to the connector (`--direct`), not through the relay.
+    pub direct: bool,
     pub sessions: usize,
     pub payload_bytes: usize,
     /// UDP payload bytes per frame (payload + 9); the Gbps figures count these.
@@ -480,13 +487,15 @@ pub async fn run(a: &FloodArgs) -> Result<FloodReport> {
         bail!("--count must be at least 1");
     }
     let est = setup::establish(&a.setup, a.sessions).await?;
+    let connector_addr = setup::bound_addr(&est.connector);
+    let data_to = if a.direct { connector_addr } else { a.setup.relay };
     println!(
         "-- {} sessions through {} in {:.2} s (connector {} at {})",
         est.sessions.len(),
         a.setup.relay,
         est.setup_s,
         a.setup.connector,
-        setup::bound_addr(&est.connector)
+        connector_addr
     );
     // Take the sockets; keep the control state alive (not serviced) until the end.
     let mut cores = Vec::new();
@@ -522,7 +531,7 @@ pub async fn run(a: &FloodArgs) -> Result<FloodReport> {
     let plan = SendPlan {
         fds: agent_socks.iter().map(|s| s.as_raw_fd()).collect(),
         ids: est.sessions.clone(),
-        relay: a.setup.relay,
+        relay: data_to,
         payload: a.payload,
         rate: a.rate,
         seconds: a.seconds,
@@ -651,6 +660,7 @@ pub async fn run(a: &FloodArgs) -> Result<FloodReport> {
     });
     Ok(FloodReport {
         relay: a.setup.relay,
+        direct: a.direct,
         sessions: est.sessions.len(),
         payload_bytes: a.payload,
         frame_bytes,
@@ -693,7 +703,8 @@ pub fn print(r: &FloodReport) {
         .map_or("flat out".to_string(), |p| format!("{p:.0} pps"));
     println!();
     println!(
-        "flood through {}: {} sessions, {} B payload ({} B frames), target {rate}, batch {}{}",
+        "flood {}{}: {} sessions, {} B payload ({} B frames), target {rate}, batch {}{}",
+        if r.direct { "direct to the connector, sessions via " } else { "through " },
         r.relay,
         r.sessions,
         r.payload_bytes,

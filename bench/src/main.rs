@@ -1,11 +1,16 @@
 //! `ztna-bench`: load generator and benchmark harness for the ZTNA relay.
 //!
-//! Everything it sends goes to the relay address it is given (loopback in `standard`), and every
+//! Everything it sends goes to the relay address it is given (loopback in `standard`), or to
+//! processes it starts in the network namespaces of the lab it creates (`dataplane`), and every
 //! run is bounded in time and stops by itself.
 
+mod baseline;
+mod dataplane;
 mod flood;
 mod handshakes;
 mod idle_rss;
+mod lab;
+mod netns;
 mod procs;
 mod sessions;
 mod setup;
@@ -43,8 +48,9 @@ enum Cmd {
     IdleRss(idle_rss::IdleRssArgs),
     /// End-to-end tunnel throughput and added latency (relay, connector, agent started on loopback).
     Tunnel(tunnel::TunnelArgs),
-    /// The standard set (control plane and tunnel) against processes it starts on loopback;
-    /// rewrites docs/BENCHMARKS.md.
+    /// The standard set: control plane and tunnel against processes it starts on loopback, then
+    /// the data plane on the lab topology (root; --skip-dataplane leaves it out); rewrites
+    /// docs/BENCHMARKS.md.
     Standard(standard::StandardArgs),
     /// DATA-frame flood through N real sessions (sendmmsg/GSO generator, recvmmsg sink on the
     /// connector's socket): offered/delivered pps, loss, reordering, one-way latency, relay CPU.
@@ -52,6 +58,13 @@ enum Cmd {
     /// Create N sessions, write them to a JSON file and hold them, counting the DATA frames that
     /// arrive at the connector (the sink for an external packet generator).
     Sessions(sessions::SessionsArgs),
+    /// Forwarding rate of one worker on the lab topology (network namespaces, trafgen): the
+    /// baseline forwarder and the relay on mmsg, io_uring and XDP side by side, and the latency
+    /// the relay adds at half its maximum rate. Needs root.
+    Dataplane(dataplane::DataplaneArgs),
+    /// The kernel-socket baseline: a minimal recvmmsg → session lookup → sendmmsg forwarder for
+    /// the sessions of a sessions file (one thread, one socket).
+    BaselineForwarder(baseline::BaselineArgs),
     /// Write a trafgen (netsniff-ng) config with one DATA frame per session of a sessions file.
     ExportTrafgen(sessions::ExportTrafgenArgs),
     /// Write a classic pcap with one DATA frame per session of a sessions file.
@@ -98,6 +111,16 @@ async fn run(cmd: Cmd) -> Result<()> {
             sessions::print(&r);
             Ok(())
         }
+        Cmd::Dataplane(a) => {
+            let r = dataplane::run(&a).await?;
+            dataplane::print(&r);
+            if let Some(out) = &a.out {
+                dataplane::write_section(out, &r)?;
+                println!("-- wrote the data-plane section of {}", out.display());
+            }
+            write_json(a.json.as_deref(), &r)
+        }
+        Cmd::BaselineForwarder(a) => baseline::run(&a).map(|_| ()),
         Cmd::ExportTrafgen(a) => sessions::export_trafgen(&a),
         Cmd::ExportPcap(a) => sessions::export_pcap(&a),
         Cmd::Standard(a) => {

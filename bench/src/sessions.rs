@@ -71,17 +71,15 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-pub async fn run(a: &SessionsArgs) -> Result<SessionsReport> {
-    if !(a.hold > 0.0 && a.hold <= 86_400.0) {
-        bail!("--hold must be in (0, 86400] seconds");
-    }
-    let est = setup::establish(&a.setup, a.count).await?;
+/// The sessions file for sessions just established (frames go to `relay`), held by this
+/// process for `hold_s` seconds.
+pub fn sessions_file(relay: SocketAddr, est: &setup::Established, hold_s: f64) -> SessionsFile {
     let connector_addr = setup::bound_addr(&est.connector);
     let now = unix_now();
-    let file = SessionsFile {
-        relay: a.setup.relay,
+    SessionsFile {
+        relay,
         created_unix: now,
-        hold_until_unix: now + a.hold.ceil() as u64,
+        hold_until_unix: now + hold_s.ceil() as u64,
         holder_pid: std::process::id(),
         sessions: est
             .sessions
@@ -93,9 +91,21 @@ pub async fn run(a: &SessionsArgs) -> Result<SessionsReport> {
                 connector: connector_addr,
             })
             .collect(),
-    };
-    std::fs::write(&a.out, serde_json::to_string_pretty(&file)? + "\n")
-        .with_context(|| format!("writing {}", a.out.display()))?;
+    }
+}
+
+pub fn write_sessions_file(path: &Path, f: &SessionsFile) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(f)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+pub async fn run(a: &SessionsArgs) -> Result<SessionsReport> {
+    if !(a.hold > 0.0 && a.hold <= 86_400.0) {
+        bail!("--hold must be in (0, 86400] seconds");
+    }
+    let est = setup::establish(&a.setup, a.count).await?;
+    let file = sessions_file(a.setup.relay, &est, a.hold);
+    write_sessions_file(&a.out, &file)?;
     println!(
         "-- {} sessions through {} in {:.2} s; wrote {}; holding for {} s",
         file.sessions.len(),

@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use tokio::net::UdpSocket;
+use ztna_client::control::{bind_client_socket, source_ip_for};
 use ztna_client::{ClientError, ClientTls, ControlClient};
 use ztna_proto::{Message, SessionId};
 
 use crate::handshakes::SOFTWARE;
+use crate::netns;
 
 /// Who creates the sessions (identities from the PKI directory) and to which service.
 #[derive(clap::Args, Debug, Clone)]
@@ -37,6 +40,30 @@ pub struct SessionSetupArgs {
     /// Seconds to wait for each handshake and each answer.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,
+    /// Relay address for the connector, when it reaches the relay elsewhere than the agents
+    /// (e.g. the lab: agents at 192.0.2.1, the connector at 198.51.100.1). Default: --relay.
+    #[arg(long)]
+    pub connector_relay: Option<SocketAddr>,
+    /// Network namespace (`ip netns` name) for the agents' sockets; default: this process's.
+    #[arg(long)]
+    pub agent_netns: Option<String>,
+    /// Network namespace for the connector's socket.
+    #[arg(long)]
+    pub connector_netns: Option<String>,
+}
+
+impl SessionSetupArgs {
+    /// Setup against `relay` with the defaults of every other option.
+    pub fn new(relay: SocketAddr, pki_dir: PathBuf) -> SessionSetupArgs {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            setup: SessionSetupArgs,
+        }
+        let relay = relay.to_string();
+        let argv: [&std::ffi::OsStr; 5] = ["setup".as_ref(), "--relay".as_ref(), relay.as_ref(), "--pki-dir".as_ref(), pki_dir.as_os_str()];
+        <Only as clap::Parser>::parse_from(argv).setup
+    }
 }
 
 pub struct Established {
@@ -65,13 +92,34 @@ fn tls(pki_dir: &Path, kind: &str, name: &str) -> Result<ClientTls> {
     Ok(tls)
 }
 
-fn explain(relay: SocketAddr, who: &str, e: ClientError) -> anyhow::Error {
+fn explain(relay: SocketAddr, timeout: f64, who: &str, e: ClientError) -> anyhow::Error {
     match e {
         ClientError::Timeout(..) => anyhow::anyhow!(
-            "relay {relay} unreachable: no QUIC handshake as {who} (is the relay running, on this address, and is the path open?): {e}"
+            "no answer from the relay at {relay} within {timeout} s (as {who}): is the relay running, on this address, and is the path open?"
+        ),
+        ClientError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
+            "nothing listens at {relay} (as {who}: the host answered port unreachable): is the relay running on this port?"
         ),
         other => anyhow::anyhow!("connecting to the relay {relay} as {who}: {other}"),
     }
+}
+
+/// A client socket towards `relay`, created inside network namespace `netns` when given (it
+/// stays there), with the source address the kernel would use towards the relay.
+fn client_socket(relay: SocketAddr, netns: Option<&str>) -> Result<UdpSocket> {
+    let rt = tokio::runtime::Handle::current();
+    netns::maybe_in(netns, move || {
+        let _rt = rt.enter();
+        let ip = source_ip_for(relay).with_context(|| format!("no route to the relay {relay}"))?;
+        Ok(bind_client_socket(SocketAddr::new(ip, 0))?)
+    })
+}
+
+async fn connect(a: &SessionSetupArgs, relay: SocketAddr, netns: Option<&str>, tls: &ClientTls, who: &str) -> Result<ControlClient> {
+    let sock = client_socket(relay, netns)?;
+    ControlClient::connect_on(sock, relay, a.server_name.as_deref(), tls, SOFTWARE, Duration::from_secs_f64(a.timeout))
+        .await
+        .map_err(|e| explain(relay, a.timeout, who, e))
 }
 
 async fn expect_offer(c: &mut ControlClient, who: &str, deadline: Instant) -> Result<SessionId> {
@@ -100,10 +148,8 @@ pub async fn establish(a: &SessionSetupArgs, n: usize) -> Result<Established> {
     let ctls = tls(&a.pki_dir, "connector", &a.connector)?;
     let atls = tls(&a.pki_dir, "agent", &a.agent)?;
     let who_c = format!("connector {}", a.connector);
-    let mut connector =
-        ControlClient::connect(a.relay, a.server_name.as_deref(), &ctls, SOFTWARE, timeout)
-            .await
-            .map_err(|e| explain(a.relay, &who_c, e))?;
+    let crelay = a.connector_relay.unwrap_or(a.relay);
+    let mut connector = connect(a, crelay, a.connector_netns.as_deref(), &ctls, &who_c).await?;
     connector.send(&Message::Register {
         services: vec![a.service.clone()],
     })?;
@@ -126,11 +172,9 @@ pub async fn establish(a: &SessionSetupArgs, n: usize) -> Result<Established> {
     let mut offered_to_connector: HashSet<SessionId> = HashSet::new();
     let who_a = format!("agent {}", a.agent);
     for i in 0..n {
-        let mut agent =
-            ControlClient::connect(a.relay, a.server_name.as_deref(), &atls, SOFTWARE, timeout)
-                .await
-                .map_err(|e| explain(a.relay, &who_a, e))
-                .with_context(|| format!("session {} of {n}", i + 1))?;
+        let mut agent = connect(a, a.relay, a.agent_netns.as_deref(), &atls, &who_a)
+            .await
+            .with_context(|| format!("session {} of {n}", i + 1))?;
         agent.send(&Message::Connect {
             request_id: i as u32 + 1,
             service: a.service.clone(),

@@ -1,6 +1,7 @@
 //! `ztna-bench standard`: the standard benchmark set, run in one go against processes this
-//! command starts itself on loopback (control plane: relays; tunnel: relay, connector, agent),
-//! with the results written into docs/BENCHMARKS.md between markers.
+//! command starts itself: control plane (relays) and tunnel (relay, connector, agent) on
+//! loopback, then the data plane (baseline and relay I/O paths, trafgen) on the lab topology
+//! in network namespaces; the results are written into docs/BENCHMARKS.md between markers.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+use crate::dataplane::{self, DataplaneArgs, DataplaneReport};
 use crate::handshakes::{self, ClientArgs, HandshakeArgs, HandshakeReport};
 use crate::idle_rss::{self, IdleRssArgs, IdleRssReport};
 use crate::procs::{self, ChildGuard, TempDir};
@@ -48,6 +50,12 @@ pub struct StandardArgs {
     /// are always taken from next to this executable.
     #[arg(long)]
     pub relay_bin: Option<PathBuf>,
+    /// Leave out the data-plane part (it needs root, trafgen and nftables for the lab).
+    #[arg(long)]
+    pub skip_dataplane: bool,
+    /// Seconds for the data-plane rate searches together.
+    #[arg(long, default_value_t = 180.0)]
+    pub dataplane_budget: f64,
     /// ZTNA_LOG level of the relay under test.
     #[arg(long, default_value = "warn")]
     pub relay_log: String,
@@ -87,6 +95,7 @@ pub struct StandardReport {
     pub idle_rss: IdleRssReport,
     pub relay_runs: Vec<RelayRun>,
     pub tunnel: TunnelReport,
+    pub dataplane: Option<DataplaneReport>,
 }
 
 /// A relay child process: stopped (SIGTERM, then SIGKILL) when dropped, so it never outlives us.
@@ -224,6 +233,9 @@ pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
     // Fail now, not after the control-plane runs, if the tunnel's binaries are missing.
     procs::sibling_bin("ztna-agent", None)?;
     procs::sibling_bin("ztna-connector", None)?;
+    if !args.skip_dataplane {
+        dataplane::check_tools().context("the data-plane part of the standard set (or pass --skip-dataplane)")?;
+    }
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.is_dir()
     {
@@ -288,6 +300,15 @@ pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
     let tun = tunnel::run(&tunnel_args).await?;
     tunnel::print(&tun);
 
+    let dp = if args.skip_dataplane {
+        None
+    } else {
+        let dp_args = DataplaneArgs { relay_bin: args.relay_bin.clone(), budget: args.dataplane_budget, ..DataplaneArgs::defaults() };
+        let r = dataplane::run(&dp_args).await?;
+        dataplane::print(&r);
+        Some(r)
+    };
+
     let mut it = results.into_iter();
     let (Some((thr_r, lat_r)), Some((thr_n, lat_n))) = (it.next(), it.next()) else { unreachable!() };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -309,12 +330,17 @@ pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
         idle_rss: idle,
         relay_runs: runs,
         tunnel: tun,
+        dataplane: dp,
     };
-    write_markdown(
-        &args.out,
-        &[(BEGIN, END, HEADING, render(&report, args)), (tunnel::BEGIN, tunnel::END, tunnel::HEADING, tunnel::render(&report.tunnel))],
-    )?;
-    println!("-- wrote the control-plane and tunnel sections of {}", args.out.display());
+    let mut sections = vec![
+        (BEGIN, END, HEADING, render(&report, args)),
+        (tunnel::BEGIN, tunnel::END, tunnel::HEADING, tunnel::render(&report.tunnel)),
+    ];
+    if let Some(dp) = &report.dataplane {
+        sections.push((dataplane::BEGIN, dataplane::END, dataplane::HEADING, dataplane::render(dp)));
+    }
+    write_markdown(&args.out, &sections)?;
+    println!("-- wrote the control-plane, tunnel{} sections of {}", if report.dataplane.is_some() { " and data-plane" } else { "" }, args.out.display());
     Ok(report)
 }
 
@@ -466,7 +492,8 @@ pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "Reproduce (from the workspace root; about 80 s with the tunnel section below, loopback only, stops by itself):"
+        "Reproduce (from the workspace root, as root; about 80 s for this and the tunnel section below, on loopback, \
+         then about 5 min for the data-plane section on the lab topology; stops by itself):"
     );
     let _ = writeln!(s);
     let _ = writeln!(s, "```sh\n{}\n```", r.command.trim_end());
@@ -476,8 +503,10 @@ pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
 
 const INTRO: &str = "# Benchmarks\n\n\
 Measured results for the relay, each section produced by a command in `bench/` (the `ztna-bench` load \
-generator) and rewritten in place between its markers when that command runs again. Every run is on this \
-machine's loopback and bounded in time; see `bench/README.md` for the commands and what each one measures.\n";
+generator) and rewritten in place between its markers when that command runs again. The control-plane and \
+tunnel runs are on this machine's loopback, the data-plane runs on the lab topology (`deploy/lab/lab.sh`, \
+network namespaces on this machine); every run is bounded in time. See `bench/README.md` for the commands \
+and what each one measures.\n";
 
 /// Replaces each delimited section in `path` (or appends it under its heading); creates the
 /// file with an intro if it is missing. `sections`: (begin marker, end marker, heading, text).

@@ -65,6 +65,27 @@ pub fn machine_busy_seconds() -> Result<f64> {
     Ok(total.saturating_sub(idle) as f64 / clock_ticks_per_sec())
 }
 
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// From now on SIGINT and SIGTERM only set [`stop_requested`]: long runs poll it and unwind,
+/// so their guards (child processes, network namespaces) clean up.
+pub fn catch_stop_signals() {
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGINT, on_stop_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_stop_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// True once SIGINT or SIGTERM arrived after [`catch_stop_signals`].
+pub fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Raises this process's open-file limit to its hard limit (each client connection owns a socket).
 pub fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -124,7 +145,7 @@ pub fn udp_counters() -> UdpCounters {
 }
 
 /// Datagrams dropped by the UDP sockets `pid` holds (the `drops` column of /proc/net/udp and
-/// udp6: mostly a full receive buffer), summed over its sockets.
+/// udp6: mostly a full receive buffer), summed over its sockets, in whatever network namespace.
 pub fn udp_socket_drops(pid: u32) -> Result<u64> {
     let dir = format!("/proc/{pid}/fd");
     let mut inodes = std::collections::HashSet::new();
@@ -137,8 +158,9 @@ pub fn udp_socket_drops(pid: u32) -> Result<u64> {
         }
     }
     let mut drops = 0;
-    for table in ["/proc/net/udp", "/proc/net/udp6"] {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
+    // The process's own view (/proc/PID/net), so sockets in another network namespace count.
+    for table in ["udp", "udp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
@@ -198,7 +220,8 @@ pub fn git_revision() -> String {
             .output()
             .ok()
             .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            // Not `trim`: a porcelain status line starts with a space (` M path`).
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim_end().to_string())
     };
     match run(&["rev-parse", "--short", "HEAD"]) {
         Some(rev) if !rev.is_empty() => match run(&["status", "--porcelain"]) {
