@@ -99,6 +99,43 @@ pub struct Relay {
     pub log: PathBuf,
 }
 
+/// The relay command line every test starts from: the PKI's files, `workers` workers
+/// (unpinned), the given listen and admin addresses; tests add their own flags.
+pub fn relay_command(pki: &Pki, listen: &str, admin: &str, workers: usize) -> Command {
+    let d = pki.path();
+    let mut cmd = Command::new(bin("ztna-relay"));
+    cmd.args(["--listen", listen, "--admin", admin, "--workers", &workers.to_string(), "--no-pin"])
+        .arg("--cert")
+        .arg(d.join("relay.pem"))
+        .arg("--key")
+        .arg(d.join("relay.key"))
+        .arg("--ca")
+        .arg(d.join("ca.pem"))
+        .arg("--policy")
+        .arg(d.join("policy.toml"));
+    cmd
+}
+
+/// A DATA frame of `session` carrying `payload`.
+pub fn data_frame(session: &ztna_proto::SessionId, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    ztna_proto::frame::encode_data(session, payload, &mut out);
+    out
+}
+
+/// Reads control messages until one matches `pred` (5 s per message).
+pub async fn expect_message(
+    client: &mut ztna_client::ControlClient,
+    pred: impl Fn(&ztna_proto::Message) -> bool,
+) -> ztna_proto::Message {
+    loop {
+        let msg = client.next_message(Duration::from_secs(5)).await.expect("control message");
+        if pred(&msg) {
+            return msg;
+        }
+    }
+}
+
 impl Relay {
     /// Starts the relay dual-stack on a free port with `workers` workers and extra flags.
     pub fn start(pki: &Pki, workers: usize, extra: &[&str]) -> Relay {
@@ -115,23 +152,7 @@ impl Relay {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let log = pki.path().join(format!("relay-{port}.log"));
         let log_file = std::fs::File::create(&log).expect("relay log");
-        let d = pki.path();
-        let child = Command::new(bin("ztna-relay"))
-            .arg("--listen")
-            .arg(format!("[::]:{port}"))
-            .arg("--admin")
-            .arg(admin.to_string())
-            .arg("--workers")
-            .arg(workers.to_string())
-            .arg("--cert")
-            .arg(d.join("relay.pem"))
-            .arg("--key")
-            .arg(d.join("relay.key"))
-            .arg("--ca")
-            .arg(d.join("ca.pem"))
-            .arg("--policy")
-            .arg(d.join("policy.toml"))
-            .arg("--no-pin")
+        let child = relay_command(pki, &format!("[::]:{port}"), &admin.to_string(), workers)
             .args(extra)
             .envs(env.iter().copied())
             .env("ZTNA_LOG", std::env::var("ZTNA_LOG").unwrap_or_else(|_| "info".into()))

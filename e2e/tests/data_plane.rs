@@ -4,20 +4,11 @@ use std::time::Duration;
 
 use tokio::net::UdpSocket;
 use ztna_client::ControlClient;
-use ztna_e2e::{Pki, Relay};
+use ztna_e2e::{Pki, Relay, data_frame, expect_message};
 use ztna_proto::frame::{self, Frame};
 use ztna_proto::{Message, SessionId};
 
 const T: Duration = Duration::from_secs(5);
-
-async fn expect(client: &mut ControlClient, pred: impl Fn(&Message) -> bool) -> Message {
-    loop {
-        let msg = client.next_message(T).await.expect("control message");
-        if pred(&msg) {
-            return msg;
-        }
-    }
-}
 
 /// A connector registered for web, and an agent with a session to it, on different workers.
 async fn session_across_workers(pki: &Pki, relay: &Relay) -> (ControlClient, ControlClient, SessionId) {
@@ -36,20 +27,14 @@ async fn session_across_workers(pki: &Pki, relay: &Relay) -> (ControlClient, Con
     let mut web = web.expect("a connector on the other worker within 40 tries");
     let mut alice = alice;
     web.send(&Message::Register { services: vec!["web".into()] }).unwrap();
-    expect(&mut web, |m| matches!(m, Message::Registered { .. })).await;
+    expect_message(&mut web, |m| matches!(m, Message::Registered { .. })).await;
     alice.send(&Message::Connect { request_id: 1, service: "web".into() }).unwrap();
-    let Message::SessionOffer { session, .. } = expect(&mut alice, |m| matches!(m, Message::SessionOffer { .. })).await
+    let Message::SessionOffer { session, .. } = expect_message(&mut alice, |m| matches!(m, Message::SessionOffer { .. })).await
     else {
         unreachable!()
     };
-    expect(&mut web, |m| matches!(m, Message::SessionOffer { .. })).await;
+    expect_message(&mut web, |m| matches!(m, Message::SessionOffer { .. })).await;
     (alice, web, session)
-}
-
-fn data(session: &SessionId, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    frame::encode_data(session, payload, &mut out);
-    out
 }
 
 #[tokio::test]
@@ -73,12 +58,12 @@ async fn forward_across_workers(ebpf_steering: bool) {
     const N: usize = 200;
     for i in 0..N {
         let payload = format!("agent->connector {i}");
-        alice.send_frame(&data(&session, payload.as_bytes())).await.unwrap();
+        alice.send_frame(&data_frame(&session, payload.as_bytes())).await.unwrap();
         let (got, from) = web.next_frame(T).await.unwrap();
         assert_eq!(from, relay.addr_v6(), "frames come from the relay");
         assert_eq!(Frame::parse(&got), Ok(Frame::Data { session, payload: payload.as_bytes() }));
         let reply = format!("connector->agent {i}");
-        web.send_frame(&data(&session, reply.as_bytes())).await.unwrap();
+        web.send_frame(&data_frame(&session, reply.as_bytes())).await.unwrap();
         let (got, _) = alice.next_frame(T).await.unwrap();
         assert_eq!(Frame::parse(&got), Ok(Frame::Data { session, payload: reply.as_bytes() }));
     }
@@ -96,11 +81,11 @@ async fn forward_across_workers(ebpf_steering: bool) {
     // A third party that knows the session id is not a bound side: dropped, counted.
     let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for _ in 0..5 {
-        stranger.send_to(&data(&session, b"spoofed"), relay.addr_v4()).await.unwrap();
+        stranger.send_to(&data_frame(&session, b"spoofed"), relay.addr_v4()).await.unwrap();
     }
     // Unknown sessions and truncated frames too.
     let unknown = SessionId::new(session.worker(), [0xee; 7]);
-    stranger.send_to(&data(&unknown, b"x"), relay.addr_v4()).await.unwrap();
+    stranger.send_to(&data_frame(&unknown, b"x"), relay.addr_v4()).await.unwrap();
     stranger.send_to(&[frame::TYPE_DATA, session.worker(), 1, 2], relay.addr_v4()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(relay.metric("ztna_relay_dropped_total", &[("reason", "unbound_source")]), 5.0);
@@ -112,8 +97,8 @@ async fn forward_across_workers(ebpf_steering: bool) {
 
     // After the agent leaves, its session is gone: frames are dropped as unknown.
     alice.close().await;
-    expect(&mut web, |m| matches!(m, Message::SessionClosed { .. })).await;
-    web.send_frame(&data(&session, b"late")).await.unwrap();
+    expect_message(&mut web, |m| matches!(m, Message::SessionClosed { .. })).await;
+    web.send_frame(&data_frame(&session, b"late")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(relay.metric("ztna_relay_dropped_total", &[("reason", "unknown_session")]), 2.0);
 }

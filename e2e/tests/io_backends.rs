@@ -7,26 +7,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ztna_client::ControlClient;
-use ztna_e2e::{Pki, Relay, bin, free_tcp_port, free_udp_port, http_get, metric_sum};
-use ztna_proto::frame::{self, Frame};
-use ztna_proto::{Message, SessionId};
+use ztna_e2e::{Pki, Relay, data_frame, expect_message, free_tcp_port, free_udp_port, http_get, metric_sum};
+use ztna_proto::frame::Frame;
+use ztna_proto::Message;
 
 const T: Duration = Duration::from_secs(5);
-
-async fn expect(client: &mut ControlClient, pred: impl Fn(&Message) -> bool) -> Message {
-    loop {
-        let msg = client.next_message(T).await.expect("control message");
-        if pred(&msg) {
-            return msg;
-        }
-    }
-}
-
-fn data(session: &SessionId, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    frame::encode_data(session, payload, &mut out);
-    out
-}
 
 #[tokio::test]
 async fn relay_forwards_with_io_uring() {
@@ -38,23 +23,23 @@ async fn relay_forwards_with_io_uring() {
     let tls = |k, n| pki.tls(k, n);
     let mut web = ControlClient::connect(relay.addr_v6(), None, &tls("connector", "web-1"), "e2e", T).await.unwrap();
     web.send(&Message::Register { services: vec!["web".into()] }).unwrap();
-    expect(&mut web, |m| matches!(m, Message::Registered { .. })).await;
+    expect_message(&mut web, |m| matches!(m, Message::Registered { .. })).await;
     let mut alice = ControlClient::connect(relay.addr_v4(), None, &tls("agent", "alice"), "e2e", T).await.unwrap();
     alice.send(&Message::Connect { request_id: 1, service: "web".into() }).unwrap();
-    let Message::SessionOffer { session, .. } = expect(&mut alice, |m| matches!(m, Message::SessionOffer { .. })).await
+    let Message::SessionOffer { session, .. } = expect_message(&mut alice, |m| matches!(m, Message::SessionOffer { .. })).await
     else {
         unreachable!()
     };
-    expect(&mut web, |m| matches!(m, Message::SessionOffer { .. })).await;
+    expect_message(&mut web, |m| matches!(m, Message::SessionOffer { .. })).await;
 
     // Ping-pong, then bursts of same-size frames (batched receive and GSO sends).
     for i in 0..100 {
         let payload = format!("agent->connector {i}");
-        alice.send_frame(&data(&session, payload.as_bytes())).await.unwrap();
+        alice.send_frame(&data_frame(&session, payload.as_bytes())).await.unwrap();
         let (got, from) = web.next_frame(T).await.unwrap();
         assert_eq!(from, relay.addr_v6());
         assert_eq!(Frame::parse(&got), Ok(Frame::Data { session, payload: payload.as_bytes() }));
-        web.send_frame(&data(&session, payload.as_bytes())).await.unwrap();
+        web.send_frame(&data_frame(&session, payload.as_bytes())).await.unwrap();
         let (got, _) = alice.next_frame(T).await.unwrap();
         assert_eq!(Frame::parse(&got), Ok(Frame::Data { session, payload: payload.as_bytes() }));
     }
@@ -62,7 +47,7 @@ async fn relay_forwards_with_io_uring() {
     for round in 0..20u8 {
         for i in 0..BURST {
             let payload = [round, i as u8].repeat(600);
-            alice.send_frame(&data(&session, &payload)).await.unwrap();
+            alice.send_frame(&data_frame(&session, &payload)).await.unwrap();
         }
         for i in 0..BURST {
             let (got, _) = web.next_frame(T).await.expect("burst frame");
@@ -74,7 +59,7 @@ async fn relay_forwards_with_io_uring() {
     // And back, to the agent's IPv4 address through the dual-stack socket (v4-mapped GSO).
     for round in 0..20u8 {
         for i in 0..BURST {
-            web.send_frame(&data(&session, &[round, i as u8].repeat(600))).await.unwrap();
+            web.send_frame(&data_frame(&session, &[round, i as u8].repeat(600))).await.unwrap();
         }
         for i in 0..BURST {
             let (got, from) = alice.next_frame(T).await.expect("burst frame");
@@ -115,20 +100,8 @@ fn block_io_uring(cmd: &mut Command) {
 }
 
 fn relay_command(pki: &Pki, io: &str, admin: &str) -> Command {
-    let d = pki.path();
-    let mut cmd = Command::new(bin("ztna-relay"));
-    cmd.args(["--listen", &format!("127.0.0.1:{}", free_udp_port()), "--admin", admin, "--workers", "1", "--no-pin"])
-        .arg("--cert")
-        .arg(d.join("relay.pem"))
-        .arg("--key")
-        .arg(d.join("relay.key"))
-        .arg("--ca")
-        .arg(d.join("ca.pem"))
-        .arg("--policy")
-        .arg(d.join("policy.toml"))
-        .args(["--io", io])
-        .env("ZTNA_LOG", "info")
-        .stdout(Stdio::null());
+    let mut cmd = ztna_e2e::relay_command(pki, &format!("127.0.0.1:{}", free_udp_port()), admin, 1);
+    cmd.args(["--io", io]).env("ZTNA_LOG", "info").stdout(Stdio::null());
     block_io_uring(&mut cmd);
     cmd
 }
