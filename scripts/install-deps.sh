@@ -19,6 +19,9 @@ command -v trafgen >/dev/null || need+=(netsniff-ng)
 [ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
 command -v bpftool >/dev/null || need+=(bpftool)
 command -v nft >/dev/null || need+=(nftables)
+# The lab tests: namespaces and veths, a Python web server behind the connector.
+command -v ip >/dev/null || need+=(iproute2)
+command -v python3 >/dev/null || need+=(python3)
 
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"
