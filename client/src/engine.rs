@@ -608,6 +608,11 @@ impl Engine {
                 }
             }
         }
+        // The fin goes out as a zero-length write, usually after the data is already on the
+        // wire. Stock quiche 0.30 could then collect the stream (dropping the fin) when the
+        // data's ACK arrived before the fin was sent and the peer's fin had been read: the
+        // peer saw every byte but never the end, and its local connection hung half-open.
+        // The workspace patches quiche for this (vendor/quiche/ZTNA-PATCH.md).
         if flow.pending.is_empty() && flow.local_eof && !flow.fin_sent && t.conn.stream_send(id, &[], true).is_ok() {
             flow.fin_sent = true;
         }
