@@ -962,8 +962,7 @@ pub async fn run(a: &DataplaneArgs) -> Result<DataplaneReport> {
     let tmp = TempDir::new()?;
     let pki = tmp.0.join("pki");
     pki_init(&relay_bin, &pki)?;
-    let lab = Lab::up(&a.lab_script, &format!("zb{}", std::process::id() % 100_000))?;
-    lab.enable_routing()?;
+    let lab = Lab::for_run(&a.lab_script, "zb")?;
     if a.rps {
         // As with a NIC whose interrupts land on the relay's core: the relay host's receive work
         // on the relay's CPU, the connector host's on the other one (the generator's).

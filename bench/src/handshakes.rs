@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use ztna_client::control::{bind_client_socket, source_ip_for};
 use ztna_client::{ClientError, ClientTls, ControlClient};
 
 use crate::sys::{self, RelayCounters};
@@ -20,7 +21,7 @@ pub const SOFTWARE: &str = concat!("ztna-bench/", env!("CARGO_PKG_VERSION"));
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HandshakeArgs {
-    /// Relay UDP address (loopback, e.g. 127.0.0.1:4433).
+    /// Relay UDP address (e.g. 127.0.0.1:4433).
     #[arg(long)]
     pub relay: SocketAddr,
     /// Directory written by `ztna-relay pki init` (CA and client identities).
@@ -43,9 +44,49 @@ pub struct HandshakeArgs {
     /// Relay admin address: report its own counters (handshakes, retries, drops) for the run.
     #[arg(long)]
     pub admin: Option<SocketAddr>,
+    #[command(flatten)]
+    pub netns: ClientNetns,
     /// Also write the result as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+/// Where the clients and the admin scrapes run: network namespaces (`ip netns` names), this
+/// process's own by default.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ClientNetns {
+    /// Network namespace in which the client sockets are created.
+    #[arg(long = "netns")]
+    pub clients: Option<String>,
+    /// Network namespace from which the relay's admin address is scraped.
+    #[arg(long = "admin-netns")]
+    pub admin: Option<String>,
+}
+
+/// A client socket towards `relay`, created inside network namespace `netns` when given (it
+/// stays there), bound to the source address the kernel would use towards the relay.
+pub fn client_socket(relay: SocketAddr, netns: Option<&str>) -> std::io::Result<tokio::net::UdpSocket> {
+    let rt = tokio::runtime::Handle::current();
+    let make = move || {
+        let _rt = rt.enter();
+        bind_client_socket(SocketAddr::new(source_ip_for(relay)?, 0))
+    };
+    match netns {
+        None => make(),
+        Some(ns) => crate::netns::run_in(ns, || Ok(make()?)).map_err(std::io::Error::other),
+    }
+}
+
+/// [`ControlClient::connect`] with its socket in network namespace `netns` when given.
+pub async fn connect(
+    relay: SocketAddr,
+    netns: Option<&str>,
+    server_name: Option<&str>,
+    tls: &ClientTls,
+    timeout: Duration,
+) -> Result<ControlClient, ClientError> {
+    let sock = client_socket(relay, netns)?;
+    ControlClient::connect_on(sock, relay, server_name, tls, SOFTWARE, timeout).await
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -132,7 +173,7 @@ pub struct HandshakeReport {
     /// This load generator's own CPU over the same interval.
     pub bench_cpu_s: f64,
     /// CPU used by everything else on the machine over the same interval (other processes,
-    /// interrupts): the whole machine's busy time minus the relay's and ours. Only meaningful
+    /// interrupts, softirq packet processing): the whole machine's busy time minus the relay's and ours. Only meaningful
     /// with --relay-pid; a large value means the figures are disturbed.
     pub other_cpu_s: Option<f64>,
     pub wall_s: f64,
@@ -161,8 +202,14 @@ pub fn error_kind(e: &ClientError) -> &'static str {
 }
 
 /// One connect that must work before measuring: turns "relay not there" into a clear error.
-pub async fn preflight(relay: SocketAddr, server_name: Option<&str>, tls: &ClientTls, timeout: Duration) -> Result<()> {
-    match ControlClient::connect(relay, server_name, tls, SOFTWARE, timeout).await {
+pub async fn preflight(
+    relay: SocketAddr,
+    netns: Option<&str>,
+    server_name: Option<&str>,
+    tls: &ClientTls,
+    timeout: Duration,
+) -> Result<()> {
+    match connect(relay, netns, server_name, tls, timeout).await {
         Ok(c) => {
             c.close().await;
             Ok(())
@@ -175,8 +222,10 @@ pub async fn preflight(relay: SocketAddr, server_name: Option<&str>, tls: &Clien
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connect_loop(
     relay: SocketAddr,
+    netns: Option<String>,
     server_name: Option<String>,
     tls: Arc<ClientTls>,
     start: Instant,
@@ -195,7 +244,7 @@ async fn connect_loop(
     };
     while Instant::now() < end {
         let t0 = Instant::now();
-        match ControlClient::connect(relay, server_name.as_deref(), &tls, SOFTWARE, timeout).await {
+        match connect(relay, netns.as_deref(), server_name.as_deref(), &tls, timeout).await {
             Ok(client) => {
                 let done = Instant::now();
                 let _ = st.connect.record((done - t0).as_micros().max(1) as u64);
@@ -234,10 +283,11 @@ pub async fn run(args: &HandshakeArgs) -> Result<HandshakeReport> {
     }
     let timeout = Duration::from_secs_f64(args.timeout.clamp(0.1, 60.0));
     let tls = Arc::new(args.client.tls(&args.pki_dir)?);
-    preflight(args.relay, args.client.server_name.as_deref(), &tls, timeout).await?;
+    let ns = &args.netns;
+    preflight(args.relay, ns.clients.as_deref(), args.client.server_name.as_deref(), &tls, timeout).await?;
 
     let before = match args.admin {
-        Some(a) => Some(sys::scrape(a)?),
+        Some(a) => Some(sys::scrape_in(ns.admin.as_deref(), a)?),
         None => None,
     };
     let relay_cpu0 = args.relay_pid.map(|p| sys::cpu_seconds(Some(p))).transpose()?;
@@ -251,6 +301,7 @@ pub async fn run(args: &HandshakeArgs) -> Result<HandshakeReport> {
     for _ in 0..args.concurrency {
         tasks.push(tokio::spawn(connect_loop(
             args.relay,
+            ns.clients.clone(),
             args.client.server_name.clone(),
             tls.clone(),
             start,
@@ -290,7 +341,7 @@ pub async fn run(args: &HandshakeArgs) -> Result<HandshakeReport> {
     let busy = sys::machine_busy_seconds()? - busy0;
     let other_cpu_s = relay_cpu_s.map(|r| (busy - r - bench_cpu_s).max(0.0));
     let relay_counters = match (args.admin, before) {
-        (Some(a), Some(b)) => Some(sys::counters_between(&b, &sys::scrape(a)?)),
+        (Some(a), Some(b)) => Some(sys::counters_between(&b, &sys::scrape_in(ns.admin.as_deref(), a)?)),
         _ => None,
     };
     let failures = failure_kinds.values().sum();
@@ -387,7 +438,10 @@ pub fn print(r: &HandshakeReport, label: &str) {
     if let Some(o) = r.other_cpu_s
         && o > 0.1 * r.wall_s
     {
-        println!("  WARNING: other processes used {o:.1} s of CPU during the run: the figures are disturbed");
+        println!(
+            "  WARNING: {o:.1} s of CPU not charged to the relay or this process (other processes, interrupts, \
+             softirq) during the run: the figures may be disturbed"
+        );
     }
     if r.failure_kinds.contains_key("timeout") {
         println!("  note: timeouts usually mean the relay dropped Initials (rate limit, overload): see its drop counters");

@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc};
-use ztna_client::ControlClient;
 
-use crate::handshakes::{self, ClientArgs, SOFTWARE};
+use crate::handshakes::{self, ClientArgs, ClientNetns};
 use crate::sys;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -22,7 +21,7 @@ pub struct IdleRssArgs {
     /// Process id of the relay (its /proc/PID/status is read).
     #[arg(long)]
     pub relay_pid: u32,
-    /// Relay UDP address (loopback, e.g. 127.0.0.1:4433).
+    /// Relay UDP address (e.g. 127.0.0.1:4433).
     #[arg(long)]
     pub relay: SocketAddr,
     /// Directory written by `ztna-relay pki init`.
@@ -48,6 +47,8 @@ pub struct IdleRssArgs {
     /// Relay admin address: check the relay's own count of open control connections.
     #[arg(long)]
     pub admin: Option<SocketAddr>,
+    #[command(flatten)]
+    pub netns: ClientNetns,
     /// Also write the result as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -110,9 +111,10 @@ pub async fn run(args: &IdleRssArgs) -> Result<IdleRssReport> {
     let timeout = Duration::from_secs_f64(args.timeout.clamp(0.1, 60.0));
     let tls = Arc::new(args.client.tls(&args.pki_dir)?);
     let server_name = args.client.server_name.clone();
-    handshakes::preflight(args.relay, server_name.as_deref(), &tls, timeout).await?;
+    let netns = args.netns.clients.clone();
+    handshakes::preflight(args.relay, netns.as_deref(), server_name.as_deref(), &tls, timeout).await?;
     for _ in 0..args.warmup {
-        if let Ok(c) = ControlClient::connect(args.relay, server_name.as_deref(), &tls, SOFTWARE, timeout).await {
+        if let Ok(c) = handshakes::connect(args.relay, netns.as_deref(), server_name.as_deref(), &tls, timeout).await {
             c.close().await;
         }
     }
@@ -127,8 +129,8 @@ pub async fn run(args: &IdleRssArgs) -> Result<IdleRssReport> {
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
-        let (tls, server_name, stop, lost, gate, tx) =
-            (tls.clone(), server_name.clone(), stop.clone(), lost.clone(), gate.clone(), tx.clone());
+        let (tls, server_name, netns, stop, lost, gate, tx) =
+            (tls.clone(), server_name.clone(), netns.clone(), stop.clone(), lost.clone(), gate.clone(), tx.clone());
         let relay = args.relay;
         tasks.push(tokio::spawn(async move {
             let client = {
@@ -136,7 +138,7 @@ pub async fn run(args: &IdleRssArgs) -> Result<IdleRssReport> {
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
-                ControlClient::connect(relay, server_name.as_deref(), &tls, SOFTWARE, timeout).await
+                handshakes::connect(relay, netns.as_deref(), server_name.as_deref(), &tls, timeout).await
             };
             let mut client = match client {
                 Ok(c) => {
@@ -185,7 +187,7 @@ pub async fn run(args: &IdleRssArgs) -> Result<IdleRssReport> {
         let (rss_after, settle_s) = settle(pid, Duration::from_secs(10)).await?;
         let relay_idle_cpu_cores = (sys::cpu_seconds(Some(pid))? - cpu0) / t0.elapsed().as_secs_f64();
         let relay_reported_connections = match args.admin {
-            Some(a) => Some(sys::scrape(a)?.sum("ztna_relay_control_connections", None).round() as u64),
+            Some(a) => Some(sys::scrape_in(args.netns.admin.as_deref(), a)?.sum("ztna_relay_control_connections", None).round() as u64),
             None => None,
         };
         let delta = rss_after as i64 - rss_before as i64;

@@ -32,6 +32,7 @@ impl Host {
 /// Addresses of the lab (see the picture in lab.sh).
 pub const AGENT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 pub const AGENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xa, 0, 0, 0, 0, 2);
+pub const CONN_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 pub const RELAY_A_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const RELAY_C_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const RELAY_A_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xa, 0, 0, 0, 0, 1);
@@ -80,6 +81,14 @@ impl Lab {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
+        Ok(lab)
+    }
+
+    /// [`Lab::up`] under a prefix of this process's own (`tag` plus part of the pid) with the
+    /// relay host routing between the other two ([`Lab::enable_routing`]).
+    pub fn for_run(script: &Path, tag: &str) -> Result<Lab> {
+        let lab = Lab::up(script, &format!("{tag}{}", std::process::id() % 100_000))?;
+        lab.enable_routing()?;
         Ok(lab)
     }
 

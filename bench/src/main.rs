@@ -1,8 +1,8 @@
 //! `ztna-bench`: load generator and benchmark harness for the ZTNA relay.
 //!
-//! Everything it sends goes to the relay address it is given (loopback in `standard`), or to
-//! processes it starts in the network namespaces of the lab it creates (`dataplane`), and every
-//! run is bounded in time and stops by itself.
+//! Everything it sends goes to the relay address it is given, or to processes it starts in the
+//! network namespaces of the lab it creates (`tunnel`, `dataplane`, `standard`), and every run
+//! is bounded in time and stops by itself.
 
 mod baseline;
 mod dataplane;
@@ -46,11 +46,12 @@ enum Cmd {
     Handshakes(handshakes::HandshakeArgs),
     /// Relay resident memory per idle control connection.
     IdleRss(idle_rss::IdleRssArgs),
-    /// End-to-end tunnel throughput and added latency (relay, connector, agent started on loopback).
+    /// End-to-end tunnel throughput and added latency (relay, connector, agent started each in
+    /// its host of the lab topology; root).
     Tunnel(tunnel::TunnelArgs),
-    /// The standard set: control plane and tunnel against processes it starts on loopback, then
-    /// the data plane on the lab topology (root; --skip-dataplane leaves it out); rewrites
-    /// docs/BENCHMARKS.md.
+    /// The standard set, all on the lab topology (root): control plane and tunnel against
+    /// processes it starts in the lab's hosts, then the data plane (--skip-dataplane leaves it
+    /// out); rewrites docs/BENCHMARKS.md.
     Standard(standard::StandardArgs),
     /// DATA-frame flood through N real sessions (sendmmsg/GSO generator, recvmmsg sink on the
     /// connector's socket): offered/delivered pps, loss, reordering, one-way latency, relay CPU.
@@ -93,7 +94,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             write_json(a.json.as_deref(), &r)
         }
         Cmd::Tunnel(a) => {
-            let r = tunnel::run(&a).await?;
+            let r = tunnel::run(&a, None).await?;
             tunnel::print(&r);
             if let Some(out) = &a.out {
                 tunnel::write_section(out, &r)?;

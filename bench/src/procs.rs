@@ -1,5 +1,5 @@
 //! The processes a benchmark starts (relay, connector, agent) and what it needs around them:
-//! a temporary directory, free loopback ports, log files, readiness checks, and guards that
+//! a temporary directory, log files, readiness checks, and guards that
 //! stop every child when dropped (on success, on error, and on panic).
 
 use std::os::unix::process::CommandExt as _;
@@ -83,16 +83,6 @@ pub fn log_warnings(log: &Path, keep: usize) -> (Vec<String>, usize) {
     let w: Vec<String> = text.lines().filter(|l| noteworthy(l)).map(|l| l.trim().to_string()).collect();
     let n = w.len();
     (w.into_iter().take(keep).collect(), n)
-}
-
-/// A free loopback port (UDP and TCP are separate spaces; the caller binds soon after).
-pub fn free_port(udp: bool) -> Result<u16> {
-    let port = if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
-    };
-    Ok(port)
 }
 
 /// `name` next to this executable (or `explicit`), with a clear error naming the build command.

@@ -8,13 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tokio::net::UdpSocket;
-use ztna_client::control::{bind_client_socket, source_ip_for};
 use ztna_client::{ClientError, ClientTls, ControlClient};
 use ztna_proto::{Message, SessionId};
 
-use crate::handshakes::SOFTWARE;
-use crate::netns;
+use crate::handshakes::{self, SOFTWARE};
 
 /// Who creates the sessions (identities from the PKI directory) and to which service.
 #[derive(clap::Args, Debug, Clone)]
@@ -104,19 +101,8 @@ fn explain(relay: SocketAddr, timeout: f64, who: &str, e: ClientError) -> anyhow
     }
 }
 
-/// A client socket towards `relay`, created inside network namespace `netns` when given (it
-/// stays there), with the source address the kernel would use towards the relay.
-fn client_socket(relay: SocketAddr, netns: Option<&str>) -> Result<UdpSocket> {
-    let rt = tokio::runtime::Handle::current();
-    netns::maybe_in(netns, move || {
-        let _rt = rt.enter();
-        let ip = source_ip_for(relay).with_context(|| format!("no route to the relay {relay}"))?;
-        Ok(bind_client_socket(SocketAddr::new(ip, 0))?)
-    })
-}
-
 async fn connect(a: &SessionSetupArgs, relay: SocketAddr, netns: Option<&str>, tls: &ClientTls, who: &str) -> Result<ControlClient> {
-    let sock = client_socket(relay, netns)?;
+    let sock = handshakes::client_socket(relay, netns).with_context(|| format!("a client socket towards the relay {relay}"))?;
     ControlClient::connect_on(sock, relay, a.server_name.as_deref(), tls, SOFTWARE, Duration::from_secs_f64(a.timeout))
         .await
         .map_err(|e| explain(relay, a.timeout, who, e))

@@ -1,7 +1,9 @@
 //! `ztna-bench standard`: the standard benchmark set, run in one go against processes this
-//! command starts itself: control plane (relays) and tunnel (relay, connector, agent) on
-//! loopback, then the data plane (baseline and relay I/O paths, trafgen) on the lab topology
-//! in network namespaces; the results are written into docs/BENCHMARKS.md between markers.
+//! command starts itself, all on the lab topology (`deploy/lab/lab.sh`: agent, relay and
+//! connector hosts as network namespaces joined by veth pairs): control plane (relays in the
+//! relay host, the load generator's sockets in the agent host) and tunnel (relay, connector,
+//! agent, each in its host) in one lab, then the data plane (baseline and relay I/O paths,
+//! trafgen) in a lab of its own; the results are written into docs/BENCHMARKS.md between markers.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -13,8 +15,9 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::dataplane::{self, DataplaneArgs, DataplaneReport};
-use crate::handshakes::{self, ClientArgs, HandshakeArgs, HandshakeReport};
+use crate::handshakes::{self, ClientArgs, ClientNetns, HandshakeArgs, HandshakeReport};
 use crate::idle_rss::{self, IdleRssArgs, IdleRssReport};
+use crate::lab::{self, Host, Lab};
 use crate::procs::{self, ChildGuard, TempDir};
 use crate::sys::{self, Machine};
 use crate::tunnel::{self, TunnelArgs, TunnelReport};
@@ -22,6 +25,11 @@ use crate::tunnel::{self, TunnelArgs, TunnelReport};
 pub const BEGIN: &str = "<!-- bench:control-plane:begin -->";
 pub const END: &str = "<!-- bench:control-plane:end -->";
 pub const HEADING: &str = "## Control plane";
+
+/// The relay's UDP port (in the relay host, all addresses) and its admin address (the relay
+/// host's loopback).
+const RELAY_PORT: u16 = 4433;
+const ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9901);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StandardArgs {
@@ -50,9 +58,12 @@ pub struct StandardArgs {
     /// are always taken from next to this executable.
     #[arg(long)]
     pub relay_bin: Option<PathBuf>,
-    /// Leave out the data-plane part (it needs root, trafgen and nftables for the lab).
+    /// Leave out the data-plane part (it needs trafgen and nftables).
     #[arg(long)]
     pub skip_dataplane: bool,
+    /// The lab script (network namespaces; root needed).
+    #[arg(long, default_value = "deploy/lab/lab.sh")]
+    pub lab_script: PathBuf,
     /// Seconds for the data-plane rate searches together.
     #[arg(long, default_value_t = 180.0)]
     pub dataplane_budget: f64,
@@ -98,17 +109,29 @@ pub struct StandardReport {
     pub dataplane: Option<DataplaneReport>,
 }
 
-/// A relay child process: stopped (SIGTERM, then SIGKILL) when dropped, so it never outlives us.
+/// A relay child process in the lab's relay host: stopped (SIGTERM, then SIGKILL) when
+/// dropped, so it never outlives us.
 pub struct RelayGuard {
     pub proc: ChildGuard,
+    /// Its address as the agent host reaches it.
     pub listen: SocketAddr,
+    /// Its address as the connector host reaches it.
+    pub connector_listen: SocketAddr,
+    /// Its admin address, inside `ns`.
     pub admin: SocketAddr,
+    /// The relay host's network namespace.
+    pub ns: String,
     pub retry: bool,
 }
 
 impl RelayGuard {
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    /// The relay's /metrics (scraped from inside the relay host).
+    pub fn scrape(&self) -> Result<sys::Scrape> {
+        sys::scrape_in(Some(&self.ns), self.admin)
     }
 }
 
@@ -155,27 +178,36 @@ pub fn relay_flags(pki: &Path, retry: bool) -> Vec<String> {
     v
 }
 
-pub fn start_relay(bin: &Path, pki: &Path, tmp: &Path, retry: bool, log_level: &str, n: usize) -> Result<RelayGuard> {
-    let listen: SocketAddr = ([127, 0, 0, 1], procs::free_port(true)?).into();
-    let admin: SocketAddr = ([127, 0, 0, 1], procs::free_port(false)?).into();
-    let mut cmd = Command::new(bin);
-    cmd.arg("--listen")
-        .arg(listen.to_string())
-        .arg("--admin")
-        .arg(admin.to_string())
+/// The relay's command line in the reports (PKI paths as `PKI`).
+pub fn relay_command(log_level: &str) -> String {
+    format!(
+        "ztna-relay --listen 0.0.0.0:{RELAY_PORT} --admin {ADMIN} {} (ZTNA_LOG={log_level}), in the relay host",
+        relay_flags(Path::new("PKI"), true).join(" ")
+    )
+}
+
+/// Starts a relay in the lab's relay host (listening on all its IPv4 addresses) and waits
+/// until its admin endpoint answers.
+pub fn start_relay(lab: &Lab, bin: &Path, pki: &Path, tmp: &Path, retry: bool, log_level: &str, n: usize) -> Result<RelayGuard> {
+    let mut cmd = lab.cmd(Host::Relay, bin);
+    cmd.args(["--listen", &format!("0.0.0.0:{RELAY_PORT}"), "--admin", &ADMIN.to_string()])
         .args(relay_flags(pki, retry))
         .env("ZTNA_LOG", log_level);
     let proc = ChildGuard::spawn("relay", cmd, tmp.join(format!("relay-{n}.log")))?;
-    let mut guard = RelayGuard { proc, listen, admin, retry };
+    let (listen, connector_listen) = lab::relay_addrs(false, RELAY_PORT);
+    let ns = lab.ns(Host::Relay);
+    let mut guard = RelayGuard { proc, listen, connector_listen, admin: ADMIN, ns, retry };
     let deadline = Instant::now() + Duration::from_secs(10);
+    let admin = ADMIN;
     loop {
         guard.proc.check_alive().context("the relay did not start")?;
-        if sys::healthy(admin) {
+        if sys::healthy_in(Some(&guard.ns), admin)? {
             return Ok(guard);
         }
         if Instant::now() >= deadline {
             bail!(
-                "the relay did not become healthy on http://{admin}/healthz within 10 s; its log:\n{}",
+                "the relay did not become healthy on http://{admin}/healthz (in {}) within 10 s; its log:\n{}",
+                guard.ns,
                 procs::log_tail(&guard.proc.log, 20)
             );
         }
@@ -208,7 +240,12 @@ fn client_args() -> ClientArgs {
     ClientArgs { kind: "agent".into(), name: "alice".into(), server_name: None }
 }
 
-fn hs_args(g: &RelayGuard, pki: &Path, duration: f64, concurrency: usize) -> HandshakeArgs {
+/// The load generator's clients in the agent host, the admin scrapes in the relay's.
+fn client_netns(lab: &Lab, g: &RelayGuard) -> ClientNetns {
+    ClientNetns { clients: Some(lab.ns(Host::Agent)), admin: Some(g.ns.clone()) }
+}
+
+fn hs_args(lab: &Lab, g: &RelayGuard, pki: &Path, duration: f64, concurrency: usize) -> HandshakeArgs {
     HandshakeArgs {
         relay: g.listen,
         pki_dir: pki.to_path_buf(),
@@ -218,6 +255,7 @@ fn hs_args(g: &RelayGuard, pki: &Path, duration: f64, concurrency: usize) -> Han
         client: client_args(),
         relay_pid: Some(g.pid()),
         admin: Some(g.admin),
+        netns: client_netns(lab, g),
         json: None,
     }
 }
@@ -245,17 +283,28 @@ pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
     let tmp = TempDir::new()?;
     let pki = tmp.0.join("pki");
     pki_init(&bin, &pki)?;
+    // One lab for the control-plane and tunnel parts; the data-plane part brings up its own.
+    let lab = Lab::for_run(&args.lab_script, "zs")?;
+    println!(
+        "-- lab {} up (agent {} → relay {} | {} → connector {})",
+        lab.prefix,
+        lab::AGENT_V4,
+        lab::RELAY_A_V4,
+        lab::RELAY_C_V4,
+        lab::CONN_V4
+    );
 
     let mut runs = Vec::new();
     let mut results = Vec::new();
     for (n, retry) in [true, false].into_iter().enumerate() {
+        lab::check_interrupted()?;
         let tag = if retry { "Retry on" } else { "Retry off (--no-retry)" };
-        let g = start_relay(&bin, &pki, &tmp.0, retry, &args.relay_log, n)?;
+        let g = start_relay(&lab, &bin, &pki, &tmp.0, retry, &args.relay_log, n)?;
         println!("-- relay run {} ({tag}): pid {}, {} admin {}", n + 1, g.pid(), g.listen, g.admin);
-        let thr = handshakes::run(&hs_args(&g, &pki, args.duration, args.concurrency)).await?;
+        let thr = handshakes::run(&hs_args(&lab, &g, &pki, args.duration, args.concurrency)).await?;
         handshakes::print(&thr, &format!(" ({tag})"));
         let lat = if args.latency_duration > 0.0 {
-            let l = handshakes::run(&hs_args(&g, &pki, args.latency_duration, 1)).await?;
+            let l = handshakes::run(&hs_args(&lab, &g, &pki, args.latency_duration, 1)).await?;
             handshakes::print(&l, &format!(" ({tag}, one loop)"));
             Some(l)
         } else {
@@ -265,7 +314,8 @@ pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
         results.push((thr, lat));
     }
 
-    let g = start_relay(&bin, &pki, &tmp.0, true, &args.relay_log, 2)?;
+    lab::check_interrupted()?;
+    let g = start_relay(&lab, &bin, &pki, &tmp.0, true, &args.relay_log, 2)?;
     println!("-- relay run 3 (idle connections): pid {}, {} admin {}", g.pid(), g.listen, g.admin);
     let idle = idle_rss::run(&IdleRssArgs {
         relay_pid: g.pid(),
@@ -278,6 +328,7 @@ pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
         warmup: 20,
         client: client_args(),
         admin: Some(g.admin),
+        netns: client_netns(&lab, &g),
         json: None,
     })
     .await?;
@@ -294,16 +345,24 @@ pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
         agent_bin: None,
         connector_bin: None,
         relay_log: args.relay_log.clone(),
+        lab_script: args.lab_script.clone(),
         out: None,
         json: None,
     };
-    let tun = tunnel::run(&tunnel_args).await?;
+    lab::check_interrupted()?;
+    let tun = tunnel::run(&tunnel_args, Some(&lab)).await?;
     tunnel::print(&tun);
+    drop(lab);
 
     let dp = if args.skip_dataplane {
         None
     } else {
-        let dp_args = DataplaneArgs { relay_bin: args.relay_bin.clone(), budget: args.dataplane_budget, ..DataplaneArgs::defaults() };
+        let dp_args = DataplaneArgs {
+            relay_bin: args.relay_bin.clone(),
+            budget: args.dataplane_budget,
+            lab_script: args.lab_script.clone(),
+            ..DataplaneArgs::defaults()
+        };
         let r = dataplane::run(&dp_args).await?;
         dataplane::print(&r);
         Some(r)
@@ -317,11 +376,7 @@ pub async fn run(args: &StandardArgs) -> Result<StandardReport> {
         revision: sys::git_revision(),
         machine: sys::machine(),
         command: format!("{} && target/release/ztna-bench {}", procs::BUILD, argv.join(" ")),
-        relay_args: format!(
-            "ztna-relay --listen 127.0.0.1:PORT --admin 127.0.0.1:PORT {} (ZTNA_LOG={})",
-            relay_flags(Path::new("PKI"), true).join(" "),
-            args.relay_log
-        ),
+        relay_args: relay_command(&args.relay_log),
         client_trust_store: crate::client_trust_store().to_string(),
         throughput_retry: thr_r,
         throughput_no_retry: thr_n,
@@ -379,23 +434,27 @@ pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "Measured {} at commit {} on {} ({} cores, {:.0} GiB), {}. Relay: the release build, 1 worker, unpinned, \
-         on 127.0.0.1, per-IP handshake limit raised out of the way, logging at `{}`; \
-         load generator: `ztna-bench` (tokio, one UDP socket per connection, identity `agent/alice`) on the same machine; \
-         client trust store: {}.",
+        "Measured {} at commit {} on {} ({} cores, {:.0} GiB), {}. Topology: the lab of `deploy/lab/lab.sh` \
+         (network namespaces on this machine joined by veth pairs: agent host 192.0.2.2 — relay host 192.0.2.1). \
+         Relay: the release build in the relay host, 1 worker, unpinned, per-IP handshake limit raised out of \
+         the way, logging at `{}`; load generator: `ztna-bench` (tokio, one UDP socket per connection, identity \
+         `agent/alice`) with its sockets in the agent host, so every handshake crosses the veth pair and the \
+         relay host's kernel stack, but runs on the same machine and CPUs as the relay; client trust store: {}.",
         r.date, r.revision, m.cpu_model, m.cores, m.memory_gib, m.kernel, args.relay_log, r.client_trust_store
     );
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "**Read with care:** the machine has {} cores and the load generator shares them with the relay. A client \
+        "**Read with care:** the machine has {} cores and the load generator shares them with the relay (the \
+         namespaces separate the network stacks, not the CPUs; the veth hops have no propagation delay). A client \
          handshake costs about as much CPU as the relay's side (both do an mTLS handshake: certificate signature and \
          verification), so the handshake rate below is what this machine sustains for relay *and* clients together, \
          not the relay's ceiling. The figure that carries over to other hardware is the relay's CPU per handshake \
          (relay utime+stime from /proc/PID/stat over the run, divided by the handshakes completed); 1 s of relay CPU \
          per second would be one core saturated. \
          *Other CPU* is the machine's busy time not spent by the relay or the load generator during the run \
-         (from /proc/stat): near zero means nothing else disturbed it.",
+         (from /proc/stat): other processes, and kernel work charged to no process (interrupts, softirq packet \
+         processing of the lab's veth links); well above that small share, something else disturbed the run.",
         m.cores
     );
     let _ = writeln!(s);
@@ -492,8 +551,9 @@ pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "Reproduce (from the workspace root, as root; about 80 s for this and the tunnel section below, on loopback, \
-         then about 5 min for the data-plane section on the lab topology; stops by itself):"
+        "Reproduce (from the workspace root, as root: it creates the lab's network namespaces under a prefix of \
+         its own and removes them at the end; about 80 s for this and the tunnel section below, then about 5 min \
+         for the data-plane section; stops by itself):"
     );
     let _ = writeln!(s);
     let _ = writeln!(s, "```sh\n{}\n```", r.command.trim_end());
@@ -503,10 +563,10 @@ pub fn render(r: &StandardReport, args: &StandardArgs) -> String {
 
 const INTRO: &str = "# Benchmarks\n\n\
 Measured results for the relay, each section produced by a command in `bench/` (the `ztna-bench` load \
-generator) and rewritten in place between its markers when that command runs again. The control-plane and \
-tunnel runs are on this machine's loopback, the data-plane runs on the lab topology (`deploy/lab/lab.sh`, \
-network namespaces on this machine); every run is bounded in time. See `bench/README.md` for the commands \
-and what each one measures.\n";
+generator) and rewritten in place between its markers when that command runs again. Every run is on the lab \
+topology (`deploy/lab/lab.sh`: agent, relay and connector hosts as network namespaces on this machine, joined \
+by veth pairs, documentation addresses only), with each process in its host; every run is bounded in time. \
+See `bench/README.md` for the commands and what each one measures.\n";
 
 /// Replaces each delimited section in `path` (or appends it under its heading); creates the
 /// file with an intro if it is missing. `sections`: (begin marker, end marker, heading, text).

@@ -103,7 +103,7 @@ pub fn raise_nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
-/// The machine's UDP counters (all sockets, from /proc/net/snmp).
+/// UDP counters (all sockets of a network namespace, from /proc/PID/net/snmp).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct UdpCounters {
     pub in_datagrams: u64,
@@ -124,8 +124,22 @@ impl UdpCounters {
     }
 }
 
-pub fn udp_counters() -> UdpCounters {
-    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+/// The UDP counters of the network namespaces that `pids` run in, added up (list each
+/// namespace once: one process per lab host).
+pub fn udp_counters(pids: &[u32]) -> UdpCounters {
+    let mut sum = UdpCounters::default();
+    for pid in pids {
+        let c = udp_counters_of(*pid);
+        sum.in_datagrams += c.in_datagrams;
+        sum.out_datagrams += c.out_datagrams;
+        sum.rcvbuf_errors += c.rcvbuf_errors;
+        sum.sndbuf_errors += c.sndbuf_errors;
+    }
+    sum
+}
+
+fn udp_counters_of(pid: u32) -> UdpCounters {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")).unwrap_or_default();
     let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
     let (Some(names), Some(values)) = (lines.next(), lines.next()) else { return UdpCounters::default() };
     let get = |key: &str| {
@@ -282,6 +296,16 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 /// True when the admin endpoint answers `/healthz` with 200.
 pub fn healthy(admin: SocketAddr) -> bool {
     matches!(http_get(admin, "/healthz"), Ok((200, _)))
+}
+
+/// [`healthy`] from inside network namespace `ns` when given.
+pub fn healthy_in(ns: Option<&str>, admin: SocketAddr) -> Result<bool> {
+    crate::netns::maybe_in(ns, || Ok(healthy(admin)))
+}
+
+/// [`scrape`] from inside network namespace `ns` when given.
+pub fn scrape_in(ns: Option<&str>, admin: SocketAddr) -> Result<Scrape> {
+    crate::netns::maybe_in(ns, || scrape(admin))
 }
 
 pub fn scrape(admin: SocketAddr) -> Result<Scrape> {

@@ -1,10 +1,12 @@
 //! `ztna-bench tunnel`: what the end-to-end tunnel costs a TCP connection, measured side by
-//! side with a direct loopback connection in one run.
+//! side with a direct connection in one run, on the lab topology (`deploy/lab/lab.sh`).
 //!
-//! It starts a relay (1 worker), a connector (`web-1`, service `web`) and an agent (`alice`,
-//! `-L 127.0.0.1:PORT:web`) from the release binaries next to this executable, with a temporary
-//! PKI, all on loopback, plus an in-process TCP backend. The first byte of every connection to
-//! the backend picks what it does: `S` sinks (reads and discards until EOF, then answers with the
+//! It starts a relay (1 worker) in the relay host, a connector (`web-1`, service `web`) in the
+//! connector host and an agent (`alice`, `-L 127.0.0.1:PORT:web`) in the agent host, from the
+//! release binaries next to this executable, with a temporary PKI, plus an in-process TCP
+//! backend listening in the connector host. The writer's sockets are created in the agent host:
+//! through the tunnel they connect to the agent's forward, directly to the backend, routed by
+//! the relay host's kernel. The first byte of every connection to the backend picks what it does: `S` sinks (reads and discards until EOF, then answers with the
 //! byte count as a big-endian u64), `E` echoes. Then:
 //!
 //! 1. throughput of one TCP stream: write as fast as possible for N seconds, direct and through
@@ -17,7 +19,6 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,8 +27,10 @@ use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use crate::lab::{self, Host, Lab};
+use crate::netns;
 use crate::procs::{self, ChildGuard, TempDir};
 use crate::standard::{self, RelayGuard, RelayRun};
 use crate::sys::{self, Machine, UdpCounters};
@@ -79,6 +82,9 @@ pub struct TunnelArgs {
     /// ZTNA_LOG level of the relay.
     #[arg(long, default_value = "warn")]
     pub relay_log: String,
+    /// The lab script (network namespaces; root needed).
+    #[arg(long, default_value = "deploy/lab/lab.sh")]
+    pub lab_script: PathBuf,
     /// Also rewrite the tunnel section (between its markers) of this Markdown file.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -118,7 +124,7 @@ impl PathCpu {
         self.machine_busy_s += o.machine_busy_s;
     }
 
-    /// Busy time not spent by the measured processes (other processes, interrupts).
+    /// Busy time not spent by the measured processes (other processes, interrupts, softirq).
     pub fn other_s(&self) -> f64 {
         (self.machine_busy_s - self.relay_s - self.agent_s - self.connector_s - self.bench_s).max(0.0)
     }
@@ -164,6 +170,11 @@ impl Pids {
             bench_s: sys::cpu_seconds(None)?,
             machine_busy_s: sys::machine_busy_seconds()?,
         })
+    }
+
+    /// The UDP counters of the three hosts (one process in each), added up.
+    fn udp(&self) -> UdpCounters {
+        sys::udp_counters(&[self.relay, self.agent, self.connector])
     }
 
     fn drops(&self) -> Result<SocketDrops> {
@@ -228,7 +239,7 @@ pub struct ThroughputRun {
     pub cpu: PathCpu,
     /// Tunnel runs: the relay's counters over the run.
     pub relay: Option<RelayData>,
-    /// The machine's UDP counters over the run (all sockets).
+    /// The UDP counters of the lab's three hosts over the run (all sockets).
     pub udp: UdpCounters,
     /// Tunnel runs: datagrams dropped at the relay's, agent's and connector's sockets.
     pub socket_drops: Option<SocketDrops>,
@@ -343,7 +354,8 @@ pub struct TunnelReport {
 // ---- the backend ---------------------------------------------------------------------------
 
 struct Backend {
-    addr: SocketAddr,
+    /// Where it listens, in the connector host: on all addresses, this port.
+    port: u16,
     /// Bytes received by sink connections, all together (sampled for per-second rates).
     sunk: Arc<AtomicU64>,
     accept: tokio::task::JoinHandle<()>,
@@ -355,9 +367,15 @@ impl Drop for Backend {
     }
 }
 
-async fn start_backend() -> Result<Backend> {
-    let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the test backend")?;
-    let addr = listener.local_addr()?;
+/// The backend, listening in network namespace `ns`.
+async fn start_backend(ns: &str) -> Result<Backend> {
+    let std_listener = netns::run_in(ns, || {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").context("binding the test backend")?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })?;
+    let listener = TcpListener::from_std(std_listener)?;
+    let port = listener.local_addr()?.port();
     let sunk = Arc::new(AtomicU64::new(0));
     let counter = sunk.clone();
     let accept = tokio::spawn(async move {
@@ -370,7 +388,7 @@ async fn start_backend() -> Result<Backend> {
             }
         }
     });
-    Ok(Backend { addr, sunk, accept })
+    Ok(Backend { port, sunk, accept })
 }
 
 async fn serve(mut s: TcpStream, sunk: Arc<AtomicU64>) -> std::io::Result<()> {
@@ -403,8 +421,10 @@ async fn serve(mut s: TcpStream, sunk: Arc<AtomicU64>) -> std::io::Result<()> {
     }
 }
 
-async fn open(target: SocketAddr, mode: u8) -> Result<TcpStream> {
-    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
+/// A connection to `target` from a socket created in network namespace `ns`.
+async fn open(ns: &str, target: SocketAddr, mode: u8) -> Result<TcpStream> {
+    let sock = netns::run_in(ns, || Ok(if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? }))?;
+    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(target))
         .await
         .map_err(|_| anyhow::anyhow!("connecting to {target} timed out"))?
         .with_context(|| format!("connecting to {target}"))?;
@@ -424,8 +444,8 @@ struct Measured {
 }
 
 /// One stream: write for `seconds`, half-close, read the backend's byte count.
-async fn throughput_once(target: SocketAddr, seconds: f64, sunk: &AtomicU64) -> Result<Measured> {
-    let mut s = open(target, MODE_SINK).await?;
+async fn throughput_once(ns: &str, target: SocketAddr, seconds: f64, sunk: &AtomicU64) -> Result<Measured> {
+    let mut s = open(ns, target, MODE_SINK).await?;
     let buf = vec![0x5au8; IO_BUF];
     let mut written = 0u64;
     let mut per_second_mb = Vec::new();
@@ -494,8 +514,8 @@ struct EchoConn {
 }
 
 impl EchoConn {
-    async fn open(target: SocketAddr, size: usize) -> Result<EchoConn> {
-        Ok(EchoConn { s: open(target, MODE_ECHO).await?, req: vec![0xa5; size], resp: vec![0; size], seq: 0 })
+    async fn open(ns: &str, target: SocketAddr, size: usize) -> Result<EchoConn> {
+        Ok(EchoConn { s: open(ns, target, MODE_ECHO).await?, req: vec![0xa5; size], resp: vec![0; size], seq: 0 })
     }
 
     /// One request and its echo; returns the round-trip time.
@@ -540,7 +560,12 @@ struct Setup {
     relay: RelayGuard,
     connector: ChildGuard,
     agent: ChildGuard,
+    /// The agent host's namespace, where the writer's sockets are created.
+    agent_ns: String,
+    /// The agent's local forward (in the agent host).
     agent_addr: SocketAddr,
+    /// The backend as the agent host reaches it directly (through the relay host's kernel).
+    direct_addr: SocketAddr,
     pids: Pids,
     relay_args: String,
     agent_args: String,
@@ -580,31 +605,36 @@ fn validate(args: &TunnelArgs) -> Result<()> {
     Ok(())
 }
 
-async fn setup(args: &TunnelArgs) -> Result<Setup> {
+/// The agent's local forward in the agent host.
+const AGENT_FORWARD: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+
+async fn setup(args: &TunnelArgs, lab: &Lab) -> Result<Setup> {
     let relay_bin = standard::relay_bin(args.relay_bin.as_deref())?;
     let agent_bin = procs::sibling_bin("ztna-agent", args.agent_bin.as_deref())?;
     let connector_bin = procs::sibling_bin("ztna-connector", args.connector_bin.as_deref())?;
     let tmp = TempDir::new()?;
     let pki = tmp.0.join("pki");
     standard::pki_init(&relay_bin, &pki)?;
-    let backend = start_backend().await?;
+    let backend = start_backend(&lab.ns(Host::Conn)).await?;
 
-    let relay = standard::start_relay(&relay_bin, &pki, &tmp.0, true, &args.relay_log, 0)?;
-    let relay_s = relay.listen.to_string();
-    let connector_args = "--relay 127.0.0.1:PORT --pki-dir PKI --name web-1 --service web=127.0.0.1:BACKEND_PORT";
-    let mut cmd = Command::new(&connector_bin);
-    cmd.args(["--relay", &relay_s, "--pki-dir"])
+    let relay = standard::start_relay(lab, &relay_bin, &pki, &tmp.0, true, &args.relay_log, 0)?;
+    let connector_args = format!(
+        "--relay {} --pki-dir PKI --name web-1 --service web=127.0.0.1:BACKEND_PORT",
+        relay.connector_listen
+    );
+    let mut cmd = lab.cmd(Host::Conn, &connector_bin);
+    cmd.args(["--relay", &relay.connector_listen.to_string(), "--pki-dir"])
         .arg(&pki)
-        .args(["--name", "web-1", "--service", &format!("web={}", backend.addr)])
+        .args(["--name", "web-1", "--service", &format!("web=127.0.0.1:{}", backend.port)])
         .env("ZTNA_LOG", "info");
     let mut connector = ChildGuard::spawn("connector", cmd, tmp.0.join("connector.log"))?;
     connector.wait_for_log(&["registered"], PROCESS_START_TIMEOUT).await?;
 
-    let agent_addr: SocketAddr = ([127, 0, 0, 1], procs::free_port(false)?).into();
+    let agent_addr = AGENT_FORWARD;
     let forward = format!("{agent_addr}:web");
-    let agent_args = "run --relay 127.0.0.1:PORT --pki-dir PKI --name alice -L 127.0.0.1:LOCAL_PORT:web";
-    let mut cmd = Command::new(&agent_bin);
-    cmd.args(["run", "--relay", &relay_s, "--pki-dir"])
+    let agent_args = format!("run --relay {} --pki-dir PKI --name alice -L {forward}", relay.listen);
+    let mut cmd = lab.cmd(Host::Agent, &agent_bin);
+    cmd.args(["run", "--relay", &relay.listen.to_string(), "--pki-dir"])
         .arg(&pki)
         .args(["--name", "alice", "-L", &forward])
         .env("ZTNA_LOG", "info");
@@ -612,56 +642,55 @@ async fn setup(args: &TunnelArgs) -> Result<Setup> {
     agent.wait_for_log(&["TCP forward ready", "connected to the relay"], PROCESS_START_TIMEOUT).await?;
 
     let pids = Pids { relay: relay.pid(), agent: agent.pid(), connector: connector.pid() };
-    let relay_args = format!(
-        "ztna-relay --listen 127.0.0.1:PORT --admin 127.0.0.1:PORT {} (ZTNA_LOG={})",
-        standard::relay_flags(Path::new("PKI"), true).join(" "),
-        args.relay_log
-    );
+    let direct_addr = SocketAddr::new(lab::CONN_V4.into(), backend.port);
     Ok(Setup {
         _tmp: tmp,
         backend,
         relay,
         connector,
         agent,
+        agent_ns: lab.ns(Host::Agent),
         agent_addr,
+        direct_addr,
         pids,
-        relay_args,
-        agent_args: format!("ztna-agent {agent_args} (ZTNA_LOG=info)"),
-        connector_args: format!("ztna-connector {connector_args} (ZTNA_LOG=info)"),
+        relay_args: standard::relay_command(&args.relay_log),
+        agent_args: format!("ztna-agent {agent_args} (ZTNA_LOG=info), in the agent host"),
+        connector_args: format!("ztna-connector {connector_args} (ZTNA_LOG=info), in the connector host"),
     })
 }
 
 /// The first exchange through the agent: it requests the session and builds the tunnel.
 /// Returns the connection, the time it took and the DATA frames the relay forwarded meanwhile.
 async fn first_exchange(st: &Setup, size: usize) -> Result<(EchoConn, f64, u64)> {
-    let s0 = sys::scrape(st.relay.admin)?;
+    let s0 = st.relay.scrape()?;
     let t0 = Instant::now();
-    let mut c = EchoConn::open(st.agent_addr, size).await?;
+    let mut c = EchoConn::open(&st.agent_ns, st.agent_addr, size).await?;
     c.exchange().await.context("the first exchange through the tunnel failed")?;
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
-    let frames = relay_data(&s0, &sys::scrape(st.relay.admin)?).frames_forwarded;
+    let frames = relay_data(&s0, &st.relay.scrape()?).frames_forwarded;
     Ok((c, ms, frames))
 }
 
 async fn throughput(st: &mut Setup, args: &TunnelArgs) -> Result<ThroughputSummary> {
-    let direct = st.backend.addr;
+    let direct = st.direct_addr;
     let tunnel = st.agent_addr;
     let mut runs = Vec::new();
     for round in 1..=args.rounds {
         for (path, target) in [("direct", direct), ("tunnel", tunnel)] {
+            lab::check_interrupted()?;
             let via_tunnel = path == "tunnel";
-            let scrape0 = if via_tunnel { Some(sys::scrape(st.relay.admin)?) } else { None };
-            let udp0 = sys::udp_counters();
+            let scrape0 = if via_tunnel { Some(st.relay.scrape()?) } else { None };
+            let udp0 = st.pids.udp();
             let drops0 = st.pids.drops()?;
             let cpu0 = st.pids.cpu()?;
-            let m = throughput_once(target, args.seconds, &st.backend.sunk)
+            let m = throughput_once(&st.agent_ns, target, args.seconds, &st.backend.sunk)
                 .await
                 .with_context(|| format!("throughput run {round}, {path}"))?;
             let cpu = st.pids.cpu()?.since(&cpu0);
-            let udp = sys::udp_counters().since(&udp0);
+            let udp = st.pids.udp().since(&udp0);
             let socket_drops = via_tunnel.then(|| st.pids.drops().map(|d| d.since(&drops0))).transpose()?;
             let relay = match scrape0 {
-                Some(s0) => Some(relay_data(&s0, &sys::scrape(st.relay.admin)?)),
+                Some(s0) => Some(relay_data(&s0, &st.relay.scrape()?)),
                 None => None,
             };
             st.check_alive()?;
@@ -737,7 +766,7 @@ async fn throughput(st: &mut Setup, args: &TunnelArgs) -> Result<ThroughputSumma
 }
 
 async fn latency(st: &mut Setup, args: &TunnelArgs, mut tunnel: EchoConn) -> Result<LatencySummary> {
-    let mut direct = EchoConn::open(st.backend.addr, args.size).await?;
+    let mut direct = EchoConn::open(&st.agent_ns, st.direct_addr, args.size).await?;
     let budget = Duration::from_secs(120) * (args.exchanges.div_ceil(10_000) as u32).max(1)
         + Duration::from_secs(60) * (args.warmup.div_ceil(10_000) as u32).max(1);
     let deadline = Instant::now() + budget;
@@ -745,11 +774,12 @@ async fn latency(st: &mut Setup, args: &TunnelArgs, mut tunnel: EchoConn) -> Res
     tunnel.run(args.warmup, None).await.context("tunnel warm-up")?;
     let (mut hd, mut ht) = (new_ns_hist(), new_ns_hist());
     let mut tunnel_wall = Duration::ZERO;
-    let scrape0 = sys::scrape(st.relay.admin)?;
+    let scrape0 = st.relay.scrape()?;
     let drops0 = st.pids.drops()?;
     let cpu0 = st.pids.cpu()?;
     let mut done = 0;
     while done < args.exchanges {
+        lab::check_interrupted()?;
         let n = BLOCK.min(args.exchanges - done);
         direct.run(n, Some(&mut hd)).await.context("direct exchanges")?;
         let t = Instant::now();
@@ -761,7 +791,7 @@ async fn latency(st: &mut Setup, args: &TunnelArgs, mut tunnel: EchoConn) -> Res
         }
     }
     let cpu = st.pids.cpu()?.since(&cpu0);
-    let relay = relay_data(&scrape0, &sys::scrape(st.relay.admin)?);
+    let relay = relay_data(&scrape0, &st.relay.scrape()?);
     let socket_drops = st.pids.drops()?.since(&drops0);
     st.check_alive()?;
     let (d, t) = (LatencyStats::from_hist(&hd), LatencyStats::from_hist(&ht));
@@ -798,17 +828,30 @@ fn stop_client(g: &mut ChildGuard) -> ProcRun {
     ProcRun { what: g.what.clone(), pid, exit, log_warnings, log_warning_count }
 }
 
-pub async fn run(args: &TunnelArgs) -> Result<TunnelReport> {
+/// Runs the benchmark in `lab`, or in a lab of its own brought up for it (and removed after).
+pub async fn run(args: &TunnelArgs, lab: Option<&Lab>) -> Result<TunnelReport> {
     validate(args)?;
-    let mut st = setup(args).await?;
+    let own;
+    let lab = match lab {
+        Some(l) => l,
+        None => {
+            own = Lab::for_run(&args.lab_script, "zt")?;
+            &own
+        }
+    };
+    let mut st = setup(args, lab).await?;
     println!(
-        "-- tunnel: relay pid {} on {}, connector pid {}, agent pid {} forwarding {} -> backend {}",
+        "-- tunnel (lab {}): relay pid {} on {} | {}, connector pid {}, agent pid {} forwarding {} -> backend port {} \
+         (direct: {})",
+        lab.prefix,
         st.relay.pid(),
         st.relay.listen,
+        st.relay.connector_listen,
         st.connector.pid(),
         st.agent.pid(),
         st.agent_addr,
-        st.backend.addr
+        st.backend.port,
+        st.direct_addr
     );
     let measured = async {
         let (conn, first_ms, first_frames) = first_exchange(&st, args.size).await?;
@@ -847,7 +890,8 @@ pub async fn run(args: &TunnelArgs) -> Result<TunnelReport> {
 
 // ---- output --------------------------------------------------------------------------------
 
-/// Warnings when other processes used more than 10 % of the wall time in CPU during a phase.
+/// Warnings when CPU charged to none of the measured processes (other processes, interrupts and
+/// softirq, e.g. the veth links' packet processing) exceeded 10 % of the wall time in a phase.
 fn disturbances(r: &TunnelReport) -> Vec<String> {
     let mut out = Vec::new();
     let t = &r.throughput;
@@ -883,7 +927,7 @@ fn drops(d: &RelayData) -> String {
 pub fn print(r: &TunnelReport) {
     let t = &r.throughput;
     let l = &r.latency;
-    println!("== tunnel: one TCP stream through agent -> relay -> connector, and direct, on loopback");
+    println!("== tunnel: one TCP stream through agent -> relay -> connector, and direct, on the lab topology");
     let c = &t.tunnel_cpu;
     let rows: Vec<(&str, String)> = vec![
         (
@@ -928,7 +972,7 @@ pub fn print(r: &TunnelReport) {
         (
             "UDP drops during tunnel runs",
             format!(
-                "relay socket {}, agent socket {}, connector socket {} (machine: {} receive-buffer drops of {} in)",
+                "relay socket {}, agent socket {}, connector socket {} (the three hosts: {} receive-buffer drops of {} in)",
                 t.tunnel_socket_drops.relay,
                 t.tunnel_socket_drops.agent,
                 t.tunnel_socket_drops.connector,
@@ -959,7 +1003,11 @@ pub fn print(r: &TunnelReport) {
     }
     let d = disturbances(r);
     if !d.is_empty() {
-        println!("  WARNING: other processes used CPU: {}: the figures are disturbed", d.join("; "));
+        println!(
+            "  WARNING: CPU not charged to the measured processes (other processes, interrupts, softirq): {}: \
+             the figures may be disturbed",
+            d.join("; ")
+        );
     }
 }
 
@@ -972,24 +1020,29 @@ pub fn render(r: &TunnelReport) -> String {
     let _ = writeln!(s, "{BEGIN}");
     let _ = writeln!(s, "<!-- Generated by `ztna-bench tunnel` (and `standard`); edits between these markers are overwritten. -->");
     let _ = writeln!(s);
-    let _ = writeln!(s, "### End-to-end tunnel: one TCP stream, relay path, loopback");
+    let _ = writeln!(s, "### End-to-end tunnel: one TCP stream, relay path, lab topology");
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "Measured {} at commit {} on {} ({} cores, {:.0} GiB), {}. Path: `ztna-bench` → TCP → agent `alice` (local forward) → \
-         QUIC stream in the end-to-end tunnel, in DATA frames over UDP → relay (1 worker, unpinned) → connector \
-         `web-1` → TCP → a tokio backend inside `ztna-bench`. Direct: `ztna-bench` → TCP → the same backend. \
-         Release builds, everything on 127.0.0.1 on the same machine; relay logging at `warn`, agent and connector at `info` \
-         (a few lines per connection).",
+        "Measured {} at commit {} on {} ({} cores, {:.0} GiB), {}. Topology: the lab of `deploy/lab/lab.sh` \
+         (network namespaces on this machine joined by veth pairs: agent host 192.0.2.2 — relay host 192.0.2.1 | \
+         198.51.100.1 — connector host 198.51.100.2), each process in its host. Path: `ztna-bench` (its socket in \
+         the agent host) → TCP over the agent host's loopback → agent `alice` (local forward) → QUIC stream in the \
+         end-to-end tunnel, in DATA frames over UDP → veth → relay (1 worker, unpinned) in the relay host → veth → \
+         connector `web-1` → TCP over the connector host's loopback → a tokio backend inside `ztna-bench` (its \
+         listening socket in the connector host). Direct: `ztna-bench` in the agent host → TCP → the same backend, \
+         routed by the relay host's kernel (IP forwarding, the same two veth pairs, no relay process). Release \
+         builds; relay logging at `warn`, agent and connector at `info` (a few lines per connection).",
         r.date, r.revision, m.cpu_model, m.cores, m.memory_gib, m.kernel
     );
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "**Read with care:** on {} cores the writer, agent, relay, connector and backend all compete for CPU, and \
-         loopback has no propagation delay: the tunnel figures are what this machine sustains for all of them \
-         together, and the direct figures are loopback TCP's best case. The CPU seconds per process \
-         (utime+stime from /proc/PID/stat over the tunnel runs) show where the time goes.",
+        "**Read with care:** the hosts are network namespaces on one machine: on {} cores the writer, agent, \
+         relay, connector and backend all compete for CPU, and the veth links have no propagation delay and no \
+         bandwidth limit: the tunnel figures are what this machine sustains for all of them together, and the \
+         direct figures are kernel TCP forwarded by the relay host's kernel at its best. The CPU seconds per \
+         process (utime+stime from /proc/PID/stat over the tunnel runs) show where the time goes.",
         m.cores
     );
     let _ = writeln!(s);
@@ -997,7 +1050,9 @@ pub fn render(r: &TunnelReport) -> String {
     if !d.is_empty() {
         let _ = writeln!(
             s,
-            "**Disturbed run:** other processes on the machine used CPU ({}); compare with care.",
+            "**Possibly disturbed run:** CPU charged to none of the measured processes (other processes on the \
+             machine, and kernel interrupt and softirq work such as the veth links' packet processing, which is \
+             part of both paths here) exceeded 10 % of the wall time: {}; compare with care.",
             d.join("; ")
         );
         let _ = writeln!(s);
@@ -1068,7 +1123,7 @@ pub fn render(r: &TunnelReport) -> String {
         "The relay forwarded {} DATA frames in the tunnel runs ({:.0} bytes per received datagram on average, \
          {:.1} µs of relay CPU per forwarded frame; {:.0} frames per MB of user data, both directions); the relay \
          dropped {}. Datagrams dropped by the kernel for a full socket receive buffer (/proc/net/udp, per socket) \
-         over the same runs: relay {}, agent {}, connector {} (machine-wide, all sockets: {} of {} received).",
+         over the same runs: relay {}, agent {}, connector {} (all sockets of the three hosts: {} of {} received).",
         d.frames_forwarded,
         d.received_bytes as f64 / d.packets_received.max(1) as f64,
         c.relay_s * 1e6 / d.frames_forwarded.max(1) as f64,
@@ -1148,7 +1203,11 @@ pub fn render(r: &TunnelReport) -> String {
     let _ = writeln!(s);
     let _ = writeln!(s, "Processes: `{}`; `{}`; `{}`.", r.relay_args, r.connector_args, r.agent_args);
     let _ = writeln!(s);
-    let _ = writeln!(s, "Reproduce (from the workspace root; loopback only, stops by itself):");
+    let _ = writeln!(
+        s,
+        "Reproduce (from the workspace root, as root: it creates the lab's network namespaces under a prefix of its \
+         own and removes them at the end; stops by itself):"
+    );
     let _ = writeln!(s);
     let _ = writeln!(s, "```sh\n{}\n```", r.command.trim_end());
     let _ = writeln!(s, "{END}");
