@@ -104,7 +104,6 @@ static __always_inline int drop(__u32 why)
 
 /* One packet's parsed view. */
 struct pkt {
-	void *l3;
 	struct udphdr *udp;
 	__u8 *payload;
 	__u32 payload_len;
@@ -255,10 +254,10 @@ static __always_inline int parse(struct xdp_md *ctx, const struct ztna_config *c
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > end)
 		return 0;
-	p->l3 = eth + 1;
+	void *l3 = eth + 1;
 	__u32 udp_len;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = p->l3;
+		struct iphdr *ip = l3;
 		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_UDP)
 			return 0;
 		__u32 ihl = ip->ihl * 4;
@@ -282,7 +281,7 @@ static __always_inline int parse(struct xdp_md *ctx, const struct ztna_config *c
 		p->sport = udp->source;
 		map_v4(p->src, ip->saddr);
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = p->l3;
+		struct ipv6hdr *ip6 = l3;
 		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_UDP)
 			return 0;
 		struct udphdr *udp = (void *)(ip6 + 1);

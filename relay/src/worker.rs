@@ -53,15 +53,14 @@ struct Ctx {
     shared: Arc<Shared>,
     m: WorkerMetrics,
     /// Owns the descriptor the datapath sends and receives on.
-    #[allow(dead_code)]
-    socket: UdpSocket,
-    tx: Datapath,
+    _socket: UdpSocket,
+    io: Datapath,
     inbox: Inbox,
     quic_config: quiche::Config,
     generation: u64,
     sessions: SessionTable,
-    /// The kernel's session map and blocklist, when XDP is on.
-    mirror: Option<crate::ebpf::xdp::SessionMirror>,
+    /// The XDP blocklist, when XDP is on.
+    blocklist: Option<crate::ebpf::xdp::Blocklist>,
     limiter: HandshakeLimiter,
     scratch: Box<[u8]>,
     incoming: Vec<Incoming>,
@@ -76,22 +75,22 @@ impl Worker {
         let quic_config = tls::server_config(&shared.config)?;
         let limits = &shared.config.limits;
         let wake_fd = shared.mailboxes[index as usize].wake_fd();
-        let tx = Datapath::new(shared.config.io, &socket, shared.local_addr.is_ipv6(), wake_fd)
+        let io = Datapath::new(shared.config.io, &socket, shared.local_addr.is_ipv6(), wake_fd)
             .map_err(|e| e.context(format!("worker {index}")))?;
-        let mirror = shared.kernel.session_mirror();
+        let (sessions, blocklist) = (SessionTable::new(shared.kernel.session_mirror()), shared.kernel.blocklist());
         let ctx = Ctx {
             index,
             m: shared.metrics.worker(index as usize),
             limiter: HandshakeLimiter::new(limits.handshakes_per_ip_per_sec, limits.handshake_burst),
             generation: shared.generation.load(Ordering::Relaxed),
             shared,
-            socket,
-            tx,
+            _socket: socket,
+            io,
             inbox,
             quic_config,
-            sessions: SessionTable::new(mirror.clone()),
+            sessions,
             scratch: vec![0u8; 64 * 1024].into_boxed_slice(),
-            mirror,
+            blocklist,
             incoming: Vec::with_capacity(16),
             reported_sent: (0, 0, 0),
             reported_no_buffers: 0,
@@ -103,8 +102,8 @@ impl Worker {
     pub fn run(mut self) {
         let shared = self.ctx.shared.clone();
         shared.running_workers.fetch_add(1, Ordering::Relaxed);
-        // Apart from self.ctx.tx so datagrams can be borrowed while self handles them.
-        let mut rx = self.ctx.tx.rx_batch();
+        // Apart from self.ctx.io so datagrams can be borrowed while self handles them.
+        let mut rx = self.ctx.io.rx_batch();
         let mut next_maintenance = Instant::now() + MAINTENANCE_EVERY;
         let mut drain_deadline: Option<Instant> = None;
         loop {
@@ -113,15 +112,15 @@ impl Worker {
             if let Some(Reverse((t, _))) = self.timers.peek() {
                 wait = wait.min(t.saturating_duration_since(now));
             }
-            self.ctx.tx.wait(&mut rx, wait);
+            self.ctx.io.wait(&mut rx, wait);
 
             let now = Instant::now();
             self.handle_inbox(now);
             for _ in 0..RECV_BATCHES_PER_TURN {
-                let (n, more) = match self.ctx.tx.recv(&mut rx) {
+                let (n, more) = match self.ctx.io.recv(&mut rx) {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::warn!(worker = self.ctx.index, error = %e, "recvmmsg failed");
+                        tracing::warn!(worker = self.ctx.index, error = %e, "receive failed");
                         (0, false)
                     }
                 };
@@ -276,7 +275,7 @@ impl Worker {
         }
         if !quiche::version_is_supported(hdr.version) {
             ctx.m.drop(DropReason::unsupported_version);
-            ctx.tx.push_with(from, |out| quiche::negotiate_version(&hdr.scid, &hdr.dcid, out).unwrap_or(0));
+            ctx.io.push_with(from, |out| quiche::negotiate_version(&hdr.scid, &hdr.dcid, out).unwrap_or(0));
             return;
         }
         if ctx.shared.is_draining() || self.conns.len() >= ctx.shared.config.limits.max_connections_per_worker {
@@ -289,7 +288,7 @@ impl Worker {
                 let mut tok = [0u8; crate::retry::MAX_TOKEN_LEN];
                 let n = ctx.shared.retry_key.mint(&from, &hdr.dcid, &mut tok);
                 let scid = quiche::ConnectionId::from_ref(&new_scid);
-                ctx.tx.push_with(from, |out| {
+                ctx.io.push_with(from, |out| {
                     quiche::retry(&hdr.scid, &hdr.dcid, &scid, &tok[..n], hdr.version, out).unwrap_or(0)
                 });
                 ctx.shared.metrics.retries_sent.inc();
@@ -312,10 +311,10 @@ impl Worker {
         if !ctx.limiter.allow(from.ip(), now) {
             // Over the limit: let XDP drop this source's Initials for a while, before
             // they cost a wake-up and a Retry check here.
-            if let Some(m) = &ctx.mirror
+            if let Some(b) = &ctx.blocklist
                 && let Some(until) = ctx.limiter.block(from.ip(), now, ctx.shared.config.limits.blocklist_for())
             {
-                m.block(from.ip(), until, now);
+                b.block(from.ip(), until, now);
                 ctx.shared.metrics.blocklisted.inc();
             }
             return ctx.m.drop(DropReason::rate_limited);
@@ -496,8 +495,8 @@ impl Worker {
         }
         self.ctx.limiter.sweep(now);
         for ip in self.ctx.limiter.take_unblocked() {
-            if let Some(m) = &self.ctx.mirror {
-                m.unblock_expired(ip);
+            if let Some(b) = &self.ctx.blocklist {
+                b.unblock_expired(ip);
             }
         }
         let generation = self.ctx.shared.generation.load(Ordering::Relaxed);
@@ -580,13 +579,13 @@ impl Ctx {
     }
 
     fn flush(&mut self) {
-        if self.tx.pending() > 0 {
-            self.tx.flush();
+        if self.io.pending() > 0 {
+            self.io.flush();
         }
         if self.forwarded > 0 {
             self.m.frames_forwarded.inc_by(std::mem::take(&mut self.forwarded));
         }
-        let (p, b, f) = self.tx.sent_totals();
+        let (p, b, f) = self.io.sent_totals();
         let (rp, rb, rf) = self.reported_sent;
         self.m.packets_out.inc_by(p - rp);
         self.m.bytes_out.inc_by(b - rb);
@@ -594,7 +593,7 @@ impl Ctx {
             self.m.drop(DropReason::send_failed);
         }
         self.reported_sent = (p, b, f);
-        let nb = self.tx.rx_no_buffers();
+        let nb = self.io.rx_no_buffers();
         if nb != self.reported_no_buffers {
             self.m.rx_no_buffers.inc_by(nb - self.reported_no_buffers);
             self.reported_no_buffers = nb;
@@ -606,14 +605,14 @@ impl Ctx {
         match Frame::parse(buf) {
             Ok(Frame::Data { session, .. }) => match self.sessions.forward(&session, from, now) {
                 Forward::To(to) => {
-                    self.tx.push(to, buf);
+                    self.io.push(to, buf);
                     self.forwarded += 1;
                 }
                 Forward::Drop(reason) => self.m.drop(reason),
             },
             Ok(Frame::QadProbe { nonce }) => {
                 let probe_len = buf.len();
-                self.tx.push_with(from, |out| {
+                self.io.push_with(from, |out| {
                     // The reply is never longer than the probe (the probe's minimum size).
                     frame::write_qad_reply(nonce, &from, &mut out[..probe_len]).unwrap_or(0)
                 });
@@ -629,7 +628,7 @@ impl Ctx {
     fn send_quic(&mut self, conn: &mut ControlConn) {
         loop {
             let mut failed = false;
-            let queued = self.tx.push_dynamic(|out| match conn.quic.send(out) {
+            let queued = self.io.push_dynamic(|out| match conn.quic.send(out) {
                 Ok((n, info)) => Some((n, info.to)),
                 Err(quiche::Error::Done) => None,
                 Err(e) => {

@@ -24,9 +24,14 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    /// The session mirror workers write through, when XDP forwarding is on.
+    /// The session mirror workers write through, when XDP is on.
     pub fn session_mirror(&self) -> Option<xdp::SessionMirror> {
         self.xdp.as_ref().map(|x| x.mirror())
+    }
+
+    /// The blocklist the workers' rate limiters fill, when XDP is on.
+    pub fn blocklist(&self) -> Option<xdp::Blocklist> {
+        self.xdp.as_ref().map(|x| x.blocklist())
     }
 }
 

@@ -148,6 +148,10 @@ impl XdpPath {
         SessionMirror { maps: self.maps.clone() }
     }
 
+    pub fn blocklist(&self) -> Blocklist {
+        Blocklist { maps: self.maps.clone() }
+    }
+
     /// Session-mirror updates the kernel refused (map full): from the first one on, XDP
     /// passes unknown sessions to user space instead of dropping them.
     pub fn mirror_failures(&self) -> u64 {
@@ -255,8 +259,8 @@ fn attached_program_name(json: &str) -> Option<String> {
     Some(prog.get("name").and_then(|n| n.as_str()).unwrap_or("").to_string())
 }
 
-/// A worker's handle on the session and blocklist maps. Every call is one `bpf(2)`
-/// syscall on a shared descriptor: session changes are control-path events, never per packet.
+/// A worker's handle on the kernel's session map. Every call is one `bpf(2)` syscall on a
+/// shared descriptor: session changes are control-path events, never per packet.
 #[derive(Clone)]
 pub struct SessionMirror {
     maps: Arc<MapFds>,
@@ -298,6 +302,30 @@ impl SessionMirror {
         now.checked_sub(Duration::from_nanos(ago))
     }
 
+    fn mirror_failed(&self, id: &SessionId, e: std::io::Error) {
+        self.maps.mirror_failures.fetch_add(1, Ordering::Relaxed);
+        if self.maps.strict.swap(false, Ordering::Relaxed) {
+            tracing::warn!(session = %id, error = %e, "could not mirror a session into XDP (map full?); XDP now passes unknown sessions to user space");
+            let fd = self.maps.config.fd().as_fd().as_raw_fd();
+            let zero = 0u32;
+            // SAFETY: the config map is an array of one ztna_config keyed by u32.
+            if let Some(mut cfg) = unsafe { sys::lookup::<_, ztna_config>(fd, &zero) } {
+                cfg.flags &= !(ZTNA_CFG_STRICT_SESSIONS as u8);
+                // SAFETY: as above.
+                let _ = unsafe { sys::update(fd, &zero, &cfg, sys::BPF_ANY) };
+            }
+        }
+    }
+}
+
+/// A worker's handle on the blocklist the handshake rate limiter fills: XDP drops QUIC
+/// Initials from listed sources until their entry expires.
+#[derive(Clone)]
+pub struct Blocklist {
+    maps: Arc<MapFds>,
+}
+
+impl Blocklist {
     /// Drops QUIC Initials from `ip` in XDP until `until`.
     pub fn block(&self, ip: IpAddr, until: Instant, now: Instant) {
         let key = ztna_block_key { addr: addr16(ip) };
@@ -319,21 +347,6 @@ impl SessionMirror {
         {
             // SAFETY: as above.
             let _ = unsafe { sys::delete(fd, &key) };
-        }
-    }
-
-    fn mirror_failed(&self, id: &SessionId, e: std::io::Error) {
-        self.maps.mirror_failures.fetch_add(1, Ordering::Relaxed);
-        if self.maps.strict.swap(false, Ordering::Relaxed) {
-            tracing::warn!(session = %id, error = %e, "could not mirror a session into XDP (map full?); XDP now passes unknown sessions to user space");
-            let fd = self.maps.config.fd().as_fd().as_raw_fd();
-            let zero = 0u32;
-            // SAFETY: the config map is an array of one ztna_config keyed by u32.
-            if let Some(mut cfg) = unsafe { sys::lookup::<_, ztna_config>(fd, &zero) } {
-                cfg.flags &= !(ZTNA_CFG_STRICT_SESSIONS as u8);
-                // SAFETY: as above.
-                let _ = unsafe { sys::update(fd, &zero, &cfg, sys::BPF_ANY) };
-            }
         }
     }
 }

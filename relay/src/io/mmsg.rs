@@ -154,15 +154,6 @@ impl TxQueue {
         true
     }
 
-    /// Queues a copy of `data`.
-    pub fn push(&mut self, to: SocketAddr, data: &[u8]) {
-        self.push_with(to, |buf| {
-            let n = data.len().min(buf.len());
-            buf[..n].copy_from_slice(&data[..n]);
-            n
-        });
-    }
-
     pub fn pending(&self) -> usize {
         self.count
     }
