@@ -4,14 +4,14 @@
 use std::time::Duration;
 
 use ztna_client::{ClientError, ControlClient};
-use ztna_e2e::{Pki, Relay, agent_check};
+use ztna_e2e::{Pki, Relay, agent_check, test_pki};
 use ztna_proto::control::Role;
 use ztna_proto::{ErrorCode, Message};
 
 const T: Duration = Duration::from_secs(5);
 
 async fn connect(pki: &Pki, relay: std::net::SocketAddr, kind: &str, name: &str) -> Result<ControlClient, ClientError> {
-    ControlClient::connect(relay, None, &pki.tls(kind, name), "e2e", T).await
+    ControlClient::connect(relay, None, &pki.tls(kind, name).unwrap(), "e2e", T).await
 }
 
 /// Waits for a message matching `pred`, skipping others (e.g. QAD reports).
@@ -26,8 +26,8 @@ async fn expect(client: &mut ControlClient, what: &str, pred: impl Fn(&Message) 
 
 #[test]
 fn diagnostic_check_over_ipv4_and_ipv6_reports_the_client_address() {
-    let pki = Pki::new("check");
-    let relay = Relay::start(&pki, 2, &[]);
+    let pki = test_pki("check");
+    let relay = Relay::start(&pki, 2, &[]).unwrap();
     for addr in [relay.addr_v4(), relay.addr_v6()] {
         let out = agent_check(&pki, addr, "alice", &["--json"]);
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -53,8 +53,8 @@ fn diagnostic_check_over_ipv4_and_ipv6_reports_the_client_address() {
 
 #[tokio::test]
 async fn registration_and_sessions_follow_the_policy() {
-    let pki = Pki::new("session");
-    let relay = Relay::start(&pki, 2, &[]);
+    let pki = test_pki("session");
+    let relay = Relay::start(&pki, 2, &[]).unwrap();
 
     // A connector registers what the policy lets it serve, and is refused the rest.
     let mut web = connect(&pki, relay.addr_v6(), "connector", "web-1").await.unwrap();
@@ -132,9 +132,9 @@ fn check_as_foreign_alice(relay: &Relay, foreign: &Pki, pki: &Pki) -> std::proce
 
 #[test]
 fn certificate_from_another_ca_is_rejected() {
-    let pki = Pki::new("ca1");
-    let foreign = Pki::new("ca2");
-    let relay = Relay::start(&pki, 1, &[]);
+    let pki = test_pki("ca1");
+    let foreign = test_pki("ca2");
+    let relay = Relay::start(&pki, 1, &[]).unwrap();
     // An agent certificate from the foreign CA, trusting the relay's CA.
     let out = check_as_foreign_alice(&relay, &foreign, &pki);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -169,11 +169,11 @@ fn certificate_from_another_ca_is_rejected() {
 
 #[test]
 fn the_relay_trusts_its_ca_file_and_nothing_else() {
-    let pki = Pki::new("trust1");
-    let foreign = Pki::new("trust2");
+    let pki = test_pki("trust1");
+    let foreign = test_pki("trust2");
     // The relay's process sees the foreign CA as a "system" root.
     let foreign_ca = foreign.path().join("ca.pem");
-    let relay = Relay::start_with_env(&pki, ztna_e2e::free_udp_port(), 1, &[], &[("SSL_CERT_FILE", &foreign_ca)]);
+    let relay = Relay::start_with_env(&pki, ztna_e2e::free_udp_port(), 1, &[], &[("SSL_CERT_FILE", &foreign_ca)]).unwrap();
     let out = check_as_foreign_alice(&relay, &foreign, &pki);
     assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(relay.wait_metric("ztna_relay_auth_failures_total", &[("reason", "tls_handshake")], 1.0), 1.0);
@@ -181,8 +181,8 @@ fn the_relay_trusts_its_ca_file_and_nothing_else() {
 
 #[test]
 fn identity_not_in_policy_is_refused_with_the_reason() {
-    let pki = Pki::new("policy");
-    let relay = Relay::start(&pki, 1, &[]);
+    let pki = test_pki("policy");
+    let relay = Relay::start(&pki, 1, &[]).unwrap();
     let out = agent_check(&pki, relay.addr_v4(), "mallory", &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -202,12 +202,12 @@ fn identity_not_in_policy_is_refused_with_the_reason() {
 
 #[tokio::test]
 async fn rate_limit_on_new_handshakes_per_source_ip() {
-    let pki = Pki::new("ratelimit");
-    let relay = Relay::start(&pki, 1, &["--handshake-rate", "0.1", "--handshake-burst", "2"]);
+    let pki = test_pki("ratelimit");
+    let relay = Relay::start(&pki, 1, &["--handshake-rate", "0.1", "--handshake-burst", "2"]).unwrap();
     let mut ok = 0;
     let mut limited = 0;
     for _ in 0..4 {
-        match ControlClient::connect(relay.addr_v4(), None, &pki.tls("agent", "alice"), "e2e", Duration::from_millis(800)).await {
+        match ControlClient::connect(relay.addr_v4(), None, &pki.tls("agent", "alice").unwrap(), "e2e", Duration::from_millis(800)).await {
             Ok(c) => {
                 ok += 1;
                 c.close().await;
@@ -222,8 +222,8 @@ async fn rate_limit_on_new_handshakes_per_source_ip() {
 
 #[tokio::test]
 async fn sighup_applies_a_new_policy_and_sigterm_drains() {
-    let pki = Pki::new("signals");
-    let mut relay = Relay::start(&pki, 2, &[]);
+    let pki = test_pki("signals");
+    let relay = Relay::start(&pki, 2, &[]).unwrap();
     let mut web = connect(&pki, relay.addr_v4(), "connector", "web-1").await.unwrap();
     web.send(&Message::Register { services: vec!["web".into()] }).unwrap();
     expect(&mut web, "registered", |m| matches!(m, Message::Registered { .. })).await;
@@ -245,7 +245,7 @@ connectors = ["ztna://connector/web-1"]
 agents = ["ztna://agent/alice"]
 connectors = ["ztna://connector/db-1"]
 "#,
-    );
+    ).unwrap();
     relay.signal(ztna_e2e::SIGHUP);
     let closed = expect(&mut alice, "revoked", |m| matches!(m, Message::SessionClosed { .. })).await;
     assert_eq!(closed, Message::SessionClosed { session, reason: ErrorCode::NotAuthorized });
@@ -253,7 +253,7 @@ connectors = ["ztna://connector/db-1"]
     assert_eq!(relay.metric("ztna_relay_config_reloads_total", &[("reason", "ok")]), 1.0);
 
     // A broken policy is refused and the running one kept.
-    pki.set_policy("[services.web]\nagents = [\"not-a-uri\"]\n");
+    pki.set_policy("[services.web]\nagents = [\"not-a-uri\"]\n").unwrap();
     relay.signal(ztna_e2e::SIGHUP);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(relay.metric("ztna_relay_config_reloads_total", &[("reason", "failed")]), 1.0);
@@ -278,8 +278,8 @@ connectors = ["ztna://connector/db-1"]
 
 #[tokio::test]
 async fn idle_sessions_expire_and_both_sides_are_told() {
-    let pki = Pki::new("idle");
-    let relay = Relay::start(&pki, 1, &["--session-idle-timeout", "1"]);
+    let pki = test_pki("idle");
+    let relay = Relay::start(&pki, 1, &["--session-idle-timeout", "1"]).unwrap();
     let mut web = connect(&pki, relay.addr_v4(), "connector", "web-1").await.unwrap();
     web.send(&Message::Register { services: vec!["web".into()] }).unwrap();
     expect(&mut web, "registered", |m| matches!(m, Message::Registered { .. })).await;

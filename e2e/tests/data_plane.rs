@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokio::net::UdpSocket;
 use ztna_client::ControlClient;
-use ztna_e2e::{Pki, Relay, data_frame, expect_message};
+use ztna_e2e::{Pki, Relay, data_frame, expect_message, test_pki};
 use ztna_proto::frame::{self, Frame};
 use ztna_proto::{Message, SessionId};
 
@@ -12,7 +12,7 @@ const T: Duration = Duration::from_secs(5);
 
 /// A connector registered for web, and an agent with a session to it, on different workers.
 async fn session_across_workers(pki: &Pki, relay: &Relay) -> (ControlClient, ControlClient, SessionId) {
-    let tls = |k, n| pki.tls(k, n);
+    let tls = |k, n| pki.tls(k, n).unwrap();
     let alice = ControlClient::connect(relay.addr_v4(), None, &tls("agent", "alice"), "e2e", T).await.unwrap();
     // Connection ids name their worker; reconnect until the connector lands on the other one.
     let mut web = None;
@@ -50,8 +50,8 @@ async fn without_ebpf_steering_workers_hand_datagrams_to_each_other() {
 }
 
 async fn forward_across_workers(ebpf_steering: bool) {
-    let pki = Pki::new("forward");
-    let relay = Relay::start(&pki, 2, if ebpf_steering { &[] } else { &["--no-ebpf-steering"] });
+    let pki = test_pki("forward");
+    let relay = Relay::start(&pki, 2, if ebpf_steering { &[] } else { &["--no-ebpf-steering"] }).unwrap();
     let (mut alice, mut web, session) = session_across_workers(&pki, &relay).await;
     assert_ne!(alice.relay_worker(), web.relay_worker());
 
@@ -105,8 +105,8 @@ async fn forward_across_workers(ebpf_steering: bool) {
 
 #[tokio::test]
 async fn qad_probe_is_answered_statelessly_without_amplification() {
-    let pki = Pki::new("qadprobe");
-    let relay = Relay::start(&pki, 2, &[]);
+    let pki = test_pki("qadprobe");
+    let relay = Relay::start(&pki, 2, &[]).unwrap();
     for (bind, to) in [("127.0.0.1:0", relay.addr_v4()), ("[::1]:0", relay.addr_v6())] {
         let sock = UdpSocket::bind(bind).await.unwrap();
         let mut probe = Vec::new();

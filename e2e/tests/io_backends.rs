@@ -4,10 +4,10 @@
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ztna_client::ControlClient;
-use ztna_e2e::{Pki, Relay, data_frame, expect_message, free_tcp_port, free_udp_port, http_get, metric_sum};
+use ztna_e2e::{Pki, Relay, data_frame, expect_message, free_tcp_port, free_udp_port, test_pki};
 use ztna_proto::frame::Frame;
 use ztna_proto::Message;
 
@@ -15,12 +15,12 @@ const T: Duration = Duration::from_secs(5);
 
 #[tokio::test]
 async fn relay_forwards_with_io_uring() {
-    let pki = Pki::new("iouring");
-    let relay = Relay::start(&pki, 2, &["--io", "uring"]);
+    let pki = test_pki("iouring");
+    let relay = Relay::start(&pki, 2, &["--io", "uring"]).unwrap();
     assert_eq!(relay.metric("ztna_relay_io_backend", &[("backend", "uring")]), 1.0);
     assert!(relay.log_text().contains("io=uring"), "startup line names the backend:\n{}", relay.log_text());
 
-    let tls = |k, n| pki.tls(k, n);
+    let tls = |k, n| pki.tls(k, n).unwrap();
     let mut web = ControlClient::connect(relay.addr_v6(), None, &tls("connector", "web-1"), "e2e", T).await.unwrap();
     web.send(&Message::Register { services: vec!["web".into()] }).unwrap();
     expect_message(&mut web, |m| matches!(m, Message::Registered { .. })).await;
@@ -108,7 +108,7 @@ fn relay_command(pki: &Pki, io: &str, admin: &str) -> Command {
 
 #[test]
 fn io_uring_blocked_fails_uring_and_falls_back_on_auto() {
-    let pki = Pki::new("iouring-blocked");
+    let pki = test_pki("iouring-blocked");
 
     // --io uring: startup fails, saying why.
     let admin = format!("127.0.0.1:{}", free_tcp_port());
@@ -121,22 +121,11 @@ fn io_uring_blocked_fails_uring_and_falls_back_on_auto() {
     // --io auto: one warning naming the reason, then the relay runs on mmsg.
     let admin = format!("127.0.0.1:{}", free_tcp_port());
     let log = pki.path().join("auto.log");
-    let mut child = relay_command(&pki, "auto", &admin)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let metrics = loop {
-        if let Ok((200, _)) = http_get(admin.parse().unwrap(), "/healthz") {
-            break http_get(admin.parse().unwrap(), "/metrics").map(|(_, b)| b).unwrap_or_default();
-        }
-        assert!(Instant::now() < deadline, "relay not healthy:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
+    let relay = Relay::spawn(relay_command(&pki, "auto", &admin), &log, 0, admin.parse().unwrap(), None).unwrap();
+    let metrics = relay.scrape().unwrap();
+    drop(relay);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(metric_sum(&metrics, "ztna_relay_io_backend", &[("backend", "mmsg")]), 1.0, "{metrics}");
+    assert_eq!(metrics.sum("ztna_relay_io_backend", &[("backend", "mmsg")]), 1.0, "{metrics:?}");
     let warnings: Vec<&str> = text.lines().filter(|l| l.contains("io_uring unavailable")).collect();
     println!("--io auto, io_uring blocked: {warnings:?}");
     assert_eq!(warnings.len(), 1, "{text}");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use ztna_client::ControlClient;
-use ztna_e2e::{Pki, Relay};
+use ztna_e2e::{Relay, test_pki};
 use ztna_proto::frame::{self, Frame};
 use ztna_proto::{ErrorCode, Message};
 
@@ -74,15 +74,15 @@ async fn nat(relay: SocketAddr) -> Nat {
 
 #[tokio::test]
 async fn rebinding_is_reported_by_qad_and_moves_the_session() {
-    let pki = Pki::new("migrate");
-    let relay = Relay::start(&pki, 2, &[]);
-    let mut web = ControlClient::connect(relay.addr_v4(), None, &pki.tls("connector", "web-1"), "e2e", T).await.unwrap();
+    let pki = test_pki("migrate");
+    let relay = Relay::start(&pki, 2, &[]).unwrap();
+    let mut web = ControlClient::connect(relay.addr_v4(), None, &pki.tls("connector", "web-1").unwrap(), "e2e", T).await.unwrap();
     web.send(&Message::Register { services: vec!["web".into()] }).unwrap();
     while !matches!(web.next_message(T).await.unwrap(), Message::Registered { .. }) {}
 
     let nat = nat(relay.addr_v4()).await;
     // The agent talks to the relay through the NAT (it addresses the NAT's front).
-    let mut alice = ControlClient::connect(nat.front, None, &pki.tls("agent", "alice"), "e2e", T).await.unwrap();
+    let mut alice = ControlClient::connect(nat.front, None, &pki.tls("agent", "alice").unwrap(), "e2e", T).await.unwrap();
     let first_external = *nat.external.borrow();
     assert_eq!(alice.info.as_ref().unwrap().observed, first_external, "QAD reports the NAT's external address");
     alice.send(&Message::Connect { request_id: 1, service: "web".into() }).unwrap();

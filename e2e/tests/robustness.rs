@@ -6,17 +6,17 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::net::UdpSocket;
 use ztna_client::{ClientError, ControlClient};
-use ztna_e2e::{Pki, Relay, agent_check};
+use ztna_e2e::{Relay, agent_check, test_pki};
 use ztna_proto::{ErrorCode, Message};
 
 const T: Duration = Duration::from_secs(5);
 
 #[tokio::test]
 async fn random_datagrams_are_dropped_and_counted() {
-    let pki = Pki::new("garbage");
-    let relay = Relay::start(&pki, 2, &[]);
+    let pki = test_pki("garbage");
+    let relay = Relay::start(&pki, 2, &[]).unwrap();
     // Someone is connected the whole time; they must not notice.
-    let mut alice = ControlClient::connect(relay.addr_v4(), None, &pki.tls("agent", "alice"), "e2e", T).await.unwrap();
+    let mut alice = ControlClient::connect(relay.addr_v4(), None, &pki.tls("agent", "alice").unwrap(), "e2e", T).await.unwrap();
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut rng = rand::rng();
     let mut sent = 0u64;
@@ -67,9 +67,9 @@ async fn random_datagrams_are_dropped_and_counted() {
 
 #[tokio::test]
 async fn malformed_control_messages_are_refused_and_counted() {
-    let pki = Pki::new("malformed");
-    let relay = Relay::start(&pki, 1, &[]);
-    let mut alice = ControlClient::connect(relay.addr_v4(), None, &pki.tls("agent", "alice"), "e2e", T).await.unwrap();
+    let pki = test_pki("malformed");
+    let relay = Relay::start(&pki, 1, &[]).unwrap();
+    let mut alice = ControlClient::connect(relay.addr_v4(), None, &pki.tls("agent", "alice").unwrap(), "e2e", T).await.unwrap();
     let cases: [&[u8]; 4] = [
         &[0, 1, 0x7e],                         // unknown type
         &[0, 3, 0x03, 0, 0],                   // Connect with a truncated body
@@ -115,12 +115,12 @@ async fn malformed_control_messages_are_refused_and_counted() {
 
 #[test]
 fn metrics_endpoint_passes_promtool() {
-    let pki = Pki::new("promtool");
-    let relay = Relay::start(&pki, 2, &[]);
+    let pki = test_pki("promtool");
+    let relay = Relay::start(&pki, 2, &[]).unwrap();
     // Some activity so that histograms and labelled series have samples.
     assert!(agent_check(&pki, relay.addr_v4(), "alice", &[]).status.success());
     assert!(!agent_check(&pki, relay.addr_v4(), "mallory", &[]).status.success());
-    let text = relay.metrics();
+    let text = relay.metrics_text().unwrap();
     assert!(text.contains("ztna_relay_handshake_duration_seconds_bucket"));
     let promtool = which("promtool").expect("promtool not found: install Debian's `prometheus` package (scripts/test.sh does)");
     let mut child = std::process::Command::new(promtool)

@@ -6,88 +6,37 @@
 //! (scripts/install-deps.sh installs netsniff-ng).
 //! The lab and every process in it are removed also when the test fails.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ztna_e2e::{Lab, Pki, bin};
+use ztna_e2e::{Host, Workers, bin, test_lab, on_path, test_pki, relay, wait_for_log};
 
 const FRAMES: u64 = 1000;
-
-
-
-fn wait_for(files: &[&Path], needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if files.iter().any(|f| {
-            std::fs::read_to_string(f)
-                .unwrap_or_default()
-                .contains(needle)
-        }) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let logs: Vec<String> = files
-        .iter()
-        .map(|f| {
-            format!(
-                "{}:\n{}",
-                f.display(),
-                std::fs::read_to_string(f).unwrap_or_default()
-            )
-        })
-        .collect();
-    panic!("never logged {needle:?}:\n{}", logs.join("\n"));
-}
-
-fn have(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+/// The relay's admin endpoint, on the relay host's loopback.
+const ADMIN: &str = "127.0.0.1:9090";
 
 #[test]
 fn trafgen_frames_of_held_sessions_are_forwarded_by_the_relay() {
     // scripts/install-deps.sh installs it; a missing trafgen is a broken setup, not a skip.
-    assert!(have("trafgen"), "trafgen is not installed (Debian: apt-get install netsniff-ng; scripts/install-deps.sh does)");
-    let pki = Pki::new("trafgen");
+    assert!(on_path("trafgen"), "trafgen is not installed (Debian: apt-get install netsniff-ng; scripts/install-deps.sh does)");
+    let pki = test_pki("trafgen");
     let d = pki.path().to_path_buf();
     let s = |p: PathBuf| p.display().to_string();
-    let mut lab = Lab::up("tg");
+    let mut lab = test_lab("tg");
 
     let relay_log = d.join("relay.log");
-    lab.spawn(
-        "relay",
-        &bin("ztna-relay"),
-        &[
-            "--listen",
-            "[::]:4433",
-            "--admin",
-            "127.0.0.1:9090",
-            "--workers",
-            "2",
-            "--no-pin",
-            "--cert",
-            &s(d.join("relay.pem")),
-            "--key",
-            &s(d.join("relay.key")),
-            "--ca",
-            &s(d.join("ca.pem")),
-            "--policy",
-            &s(d.join("policy.toml")),
-        ],
-        &relay_log,
-    );
-    wait_for(&[&relay_log], "relay started");
+    let relay_args = relay::args(&d, "[::]:4433", ADMIN, Workers::Unpinned(2));
+    let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
+    lab.spawn(Host::Relay, &bin("ztna-relay"), &relay_args, &relay_log).unwrap();
+    wait_for_log(&relay_log, "relay started", Duration::from_secs(15)).unwrap();
+    let relay_metric = |lab: &ztna_e2e::Lab, name: &str| lab.scrape(Host::Relay, ADMIN.parse().unwrap()).unwrap().sum(name, &[]);
 
     // Both sides of the sessions in the agent namespace: the holder is the sink too.
     let sessions = d.join("sessions.json");
     let hold_log = d.join("sessions.log");
     lab.spawn(
-        "agent",
+        Host::Agent,
         &bin("ztna-bench"),
         &[
             "sessions",
@@ -103,11 +52,13 @@ fn trafgen_frames_of_held_sessions_are_forwarded_by_the_relay() {
             "60",
         ],
         &hold_log,
-    );
-    wait_for(&[&hold_log, &hold_log.with_extension("out")], "holding for");
+    )
+    .unwrap();
+    // The holder prints to stdout, which goes to its log too.
+    wait_for_log(&hold_log, "holding for", Duration::from_secs(15)).unwrap();
 
     let cfg = d.join("flood.cfg");
-    let (src_mac, dst_mac) = (lab.mac("agent", "a1"), lab.mac("relay", "a0"));
+    let (src_mac, dst_mac) = (lab.mac(Host::Agent, "a1").unwrap(), lab.mac(Host::Relay, "a0").unwrap());
     let out = Command::new(bin("ztna-bench"))
         .args([
             "export-trafgen",
@@ -128,12 +79,13 @@ fn trafgen_frames_of_held_sessions_are_forwarded_by_the_relay() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let before = lab.relay_metric("ztna_relay_frames_forwarded_total");
+    let before = relay_metric(&lab, "ztna_relay_frames_forwarded_total");
     let num = FRAMES.to_string();
-    let out = lab.run(
-        "agent",
-        "trafgen",
-        &[
+    let out = lab
+        .output(
+            Host::Agent,
+            &[
+            "trafgen",
             "--dev",
             "a1",
             "--conf",
@@ -145,7 +97,8 @@ fn trafgen_frames_of_held_sessions_are_forwarded_by_the_relay() {
             "--gap",
             "100us",
         ],
-    );
+        )
+        .unwrap();
     assert!(
         out.status.success(),
         "trafgen: {}{}",
@@ -158,7 +111,7 @@ fn trafgen_frames_of_held_sessions_are_forwarded_by_the_relay() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut delta = 0.0;
     while Instant::now() < deadline {
-        delta = lab.relay_metric("ztna_relay_frames_forwarded_total") - before;
+        delta = relay_metric(&lab, "ztna_relay_frames_forwarded_total") - before;
         if delta >= FRAMES as f64 {
             break;
         }

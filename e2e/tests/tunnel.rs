@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use ztna_e2e::{ClientProc, Pki, Relay, free_tcp_port, metric_sum};
+use ztna_e2e::{Pki, Process, Relay, free_tcp_port, metric_sum, test_pki, start_agent, start_connector};
 
 /// A TCP echo backend: echoes everything and half-closes after the client does.
 async fn echo_backend() -> SocketAddr {
@@ -30,25 +30,25 @@ struct Setup {
     /// Keeps the PKI directory (and the logs in it) for the test's lifetime.
     _pki: Pki,
     relay: Relay,
-    connector: ClientProc,
-    agent: ClientProc,
+    connector: Process,
+    agent: Process,
     local: SocketAddr,
     agent_metrics: SocketAddr,
 }
 
 async fn setup(backend: SocketAddr, extra_services: &[String]) -> Setup {
-    let pki = Pki::new("tunnel");
-    let relay = Relay::start(&pki, 2, &[]);
+    let pki = test_pki("tunnel");
+    let relay = Relay::start(&pki, 2, &[]).unwrap();
     let mut services = vec![format!("web={backend}")];
     services.extend_from_slice(extra_services);
-    let connector = ClientProc::connector(&pki, relay.addr_v4(), "web-1", &services, &[]);
+    let connector = start_connector(&pki, relay.addr_v4(), "web-1", &services, &[]).unwrap();
     let port = free_tcp_port();
     let local: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let agent_metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
     let forward = format!("{port}:web");
     let metrics = agent_metrics.to_string();
-    let agent = ClientProc::agent(&pki, relay.addr_v6(), "alice", &["-L", &forward, "--metrics", &metrics]);
-    agent.wait_log("TCP forward ready", Duration::from_secs(10));
+    let agent = start_agent(&pki, relay.addr_v6(), "alice", &["-L", &forward, "--metrics", &metrics]).unwrap();
+    agent.wait_for_log(&["TCP forward ready"], Duration::from_secs(10)).unwrap();
     Setup { _pki: pki, relay, connector, agent, local, agent_metrics }
 }
 
@@ -180,7 +180,7 @@ async fn refused_backend_resets_the_local_connection_promptly() {
         "expected a reset, got {r:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(3), "reset took {:?}", started.elapsed());
-    s.connector.wait_log("backend unreachable", Duration::from_secs(2));
+    s.connector.wait_for_log(&["backend unreachable"], Duration::from_secs(2)).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,14 +193,14 @@ async fn udp_echo_and_oversize_datagrams() {
             let _ = backend.send_to(&buf[..n], from).await;
         }
     });
-    let pki = Pki::new("udp");
-    pki.set_policy(&format!("{}\n[services.dns]\nagents = [\"ztna://agent/alice\"]\nconnectors = [\"ztna://connector/web-1\"]\n", ztna_e2e::DEFAULT_POLICY));
-    let relay = Relay::start(&pki, 1, &[]);
-    let _connector = ClientProc::connector(&pki, relay.addr_v4(), "web-1", &[format!("dns=udp:{backend_addr}")], &[]);
+    let pki = test_pki("udp");
+    pki.set_policy(&format!("{}\n[services.dns]\nagents = [\"ztna://agent/alice\"]\nconnectors = [\"ztna://connector/web-1\"]\n", ztna_e2e::DEFAULT_POLICY)).unwrap();
+    let relay = Relay::start(&pki, 1, &[]).unwrap();
+    let _connector = start_connector(&pki, relay.addr_v4(), "web-1", &[format!("dns=udp:{backend_addr}")], &[]).unwrap();
     let port = free_tcp_port();
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let agent = ClientProc::agent(&pki, relay.addr_v4(), "alice", &["-U", &format!("{port}:dns"), "--metrics", &metrics.to_string()]);
-    agent.wait_log("UDP forward ready", Duration::from_secs(10));
+    let agent = start_agent(&pki, relay.addr_v4(), "alice", &["-U", &format!("{port}:dns"), "--metrics", &metrics.to_string()]).unwrap();
+    agent.wait_for_log(&["UDP forward ready"], Duration::from_secs(10)).unwrap();
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let local: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut buf = [0u8; 2048];
@@ -231,14 +231,14 @@ async fn udp_echo_and_oversize_datagrams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_reconnect_after_a_relay_restart() {
     let backend = echo_backend().await;
-    let pki = Pki::new("restart");
+    let pki = test_pki("restart");
     let port = ztna_e2e::free_udp_port();
-    let relay = Relay::start_on(&pki, port, 1, &[]);
-    let connector = ClientProc::connector(&pki, relay.addr_v4(), "web-1", &[format!("web={backend}")], &[]);
+    let relay = Relay::start_on(&pki, port, 1, &[]).unwrap();
+    let connector = start_connector(&pki, relay.addr_v4(), "web-1", &[format!("web={backend}")], &[]).unwrap();
     let local_port = free_tcp_port();
     let local: SocketAddr = format!("127.0.0.1:{local_port}").parse().unwrap();
-    let agent = ClientProc::agent(&pki, relay.addr_v4(), "alice", &["-L", &format!("{local_port}:web")]);
-    agent.wait_log("TCP forward ready", Duration::from_secs(10));
+    let agent = start_agent(&pki, relay.addr_v4(), "alice", &["-L", &format!("{local_port}:web")]).unwrap();
+    agent.wait_for_log(&["TCP forward ready"], Duration::from_secs(10)).unwrap();
     let (got, _) = echo_roundtrip(local, b"before".to_vec()).await;
     assert_eq!(got, <[u8; 32]>::from(Sha256::digest(b"before")));
 
@@ -248,7 +248,6 @@ async fn clients_reconnect_after_a_relay_restart() {
     let mut one = [0u8; 1];
     open.read_exact(&mut one).await.unwrap();
 
-    let mut relay = relay;
     relay.signal(ztna_e2e::SIGTERM);
     assert_eq!(relay.wait_exit(Duration::from_secs(10)), Some(0));
     let r = tokio::time::timeout(Duration::from_secs(5), open.read(&mut one)).await.expect("open flow must end");
@@ -256,9 +255,9 @@ async fn clients_reconnect_after_a_relay_restart() {
     drop(relay);
 
     let restarted_at = Instant::now();
-    let relay = Relay::start_on(&pki, port, 1, &[]);
+    let relay = Relay::start_on(&pki, port, 1, &[]).unwrap();
     // Both clients come back on their own within the backoff (500 ms doubling, with jitter).
-    connector.wait_log("reconnect", Duration::from_secs(1)); // logged at disconnect
+    connector.wait_for_log(&["reconnect"], Duration::from_secs(1)).unwrap(); // logged at disconnect
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(Ok((got, _))) = tokio::time::timeout(Duration::from_secs(3), try_echo_roundtrip(local, b"after".to_vec())).await
@@ -275,14 +274,14 @@ async fn clients_reconnect_after_a_relay_restart() {
 
 #[test]
 fn an_agent_or_connector_without_permission_exits_with_the_reason() {
-    let pki = Pki::new("deny");
-    let relay = Relay::start(&pki, 1, &[]);
+    let pki = test_pki("deny");
+    let relay = Relay::start(&pki, 1, &[]).unwrap();
     // bob may reach db only.
-    let mut bob = ClientProc::agent(&pki, relay.addr_v4(), "bob", &["-L", &format!("{}:web", free_tcp_port())]);
+    let bob = start_agent(&pki, relay.addr_v4(), "bob", &["-L", &format!("{}:web", free_tcp_port())]).unwrap();
     assert_eq!(bob.wait_exit(Duration::from_secs(10)), Some(1));
     assert!(bob.log_text().contains("does not let ztna://agent/bob reach \"web\""), "{}", bob.log_text());
     // mallory is not in the policy at all.
-    let mut mallory = ClientProc::agent(&pki, relay.addr_v4(), "mallory", &["-L", &format!("{}:web", free_tcp_port())]);
+    let mallory = start_agent(&pki, relay.addr_v4(), "mallory", &["-L", &format!("{}:web", free_tcp_port())]).unwrap();
     assert_eq!(mallory.wait_exit(Duration::from_secs(10)), Some(1));
     assert!(mallory.log_text().contains("ztna://agent/mallory is not allowed by the relay's policy"), "{}", mallory.log_text());
     // db-1 may serve db, not web.
@@ -291,7 +290,7 @@ fn an_agent_or_connector_without_permission_exits_with_the_reason() {
         .map(|s| s.to_string())
         .chain([pki.path().display().to_string()])
         .collect();
-    let mut db = ClientProc::spawn(&pki, "ztna-connector", &args);
+    let db = ztna_e2e::clients::spawn(&pki, "ztna-connector", &args).unwrap();
     assert_eq!(db.wait_exit(Duration::from_secs(10)), Some(1));
     let log = db.log_text();
     assert!(log.contains("ztna://connector/db-1 may not serve \"web\""), "{log}");
@@ -350,7 +349,7 @@ async fn a_slow_reader_stalls_the_sender_and_memory_stays_bounded() {
     let want: [u8; 32] = hasher.finalize().into();
     let (total, got) = tokio::time::timeout(Duration::from_secs(120), done_rx).await.unwrap().unwrap();
     let elapsed = started.elapsed();
-    let (agent_rss, connector_rss) = (s.agent.rss_kib(), s.connector.rss_kib());
+    let (agent_rss, connector_rss) = (ztna_e2e::rss_kib(s.agent.pid()), ztna_e2e::rss_kib(s.connector.pid()));
     drop(s);
     let (max_agent, max_connector) = sampler.await.unwrap();
     eprintln!(
@@ -365,11 +364,11 @@ async fn a_slow_reader_stalls_the_sender_and_memory_stays_bounded() {
 
 #[test]
 fn an_agent_removed_from_the_policy_stops_instead_of_retrying() {
-    let pki = Pki::new("revoke");
-    let relay = Relay::start(&pki, 1, &[]);
-    let mut alice = ClientProc::agent(&pki, relay.addr_v4(), "alice", &["-L", &format!("{}:web", free_tcp_port())]);
-    alice.wait_log("connected to the relay", Duration::from_secs(10));
-    pki.set_policy("[services.web]\nagents = [\"ztna://agent/bob\"]\nconnectors = [\"ztna://connector/web-1\"]\n");
+    let pki = test_pki("revoke");
+    let relay = Relay::start(&pki, 1, &[]).unwrap();
+    let alice = start_agent(&pki, relay.addr_v4(), "alice", &["-L", &format!("{}:web", free_tcp_port())]).unwrap();
+    alice.wait_for_log(&["connected to the relay"], Duration::from_secs(10)).unwrap();
+    pki.set_policy("[services.web]\nagents = [\"ztna://agent/bob\"]\nconnectors = [\"ztna://connector/web-1\"]\n").unwrap();
     relay.signal(ztna_e2e::SIGHUP);
     assert_eq!(alice.wait_exit(Duration::from_secs(10)), Some(1), "{}", alice.log_text());
     assert!(alice.log_text().contains("ztna://agent/alice is no longer in the relay's policy"), "{}", alice.log_text());

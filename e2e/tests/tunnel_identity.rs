@@ -3,7 +3,7 @@
 
 use ztna_client::path::PathLayer;
 use ztna_client::tunnel::Tunnel;
-use ztna_e2e::Pki;
+use ztna_e2e::{Pki, test_pki};
 use ztna_proto::SessionId;
 use ztna_proto::frame::DATA_HEADER_LEN;
 
@@ -29,8 +29,8 @@ fn shuttle(agent: &mut Tunnel, connector: &mut Tunnel) {
 fn pair(pki: &Pki, connector_name: &str, announced_connector: &str, announced_agent: &str) -> (Tunnel, Tunnel) {
     let session = SessionId::new(0, [7; 7]);
     let relay = "192.0.2.1:4433".parse().unwrap();
-    let mut agent_cfg = pki.tls("agent", "alice").tunnel_config(false).unwrap();
-    let mut connector_cfg = pki.tls("connector", connector_name).tunnel_config(true).unwrap();
+    let mut agent_cfg = pki.tls("agent", "alice").unwrap().tunnel_config(false).unwrap();
+    let mut connector_cfg = pki.tls("connector", connector_name).unwrap().tunnel_config(true).unwrap();
     let agent = Tunnel::connect(session, "web".into(), announced_connector.into(), PathLayer::via_relay(session, relay), &mut agent_cfg).unwrap();
     let connector =
         Tunnel::accept(session, "web".into(), announced_agent.into(), PathLayer::via_relay(session, relay), &mut connector_cfg).unwrap();
@@ -39,7 +39,7 @@ fn pair(pki: &Pki, connector_name: &str, announced_connector: &str, announced_ag
 
 #[test]
 fn both_sides_check_the_identity_the_relay_announced() {
-    let pki = Pki::new("tunnel-id");
+    let pki = test_pki("tunnel-id");
     let (mut agent, mut connector) = pair(&pki, "web-1", "ztna://connector/web-1", "ztna://agent/alice");
     shuttle(&mut agent, &mut connector);
     assert!(agent.conn.is_established() && connector.conn.is_established());
@@ -57,12 +57,12 @@ fn both_sides_check_the_identity_the_relay_announced() {
 
 #[test]
 fn a_peer_from_another_ca_cannot_complete_the_handshake() {
-    let pki = Pki::new("tunnel-ca1");
-    let foreign = Pki::new("tunnel-ca2");
+    let pki = test_pki("tunnel-ca1");
+    let foreign = test_pki("tunnel-ca2");
     let session = SessionId::new(0, [7; 7]);
     let relay = "192.0.2.1:4433".parse().unwrap();
-    let mut agent_cfg = pki.tls("agent", "alice").tunnel_config(false).unwrap();
-    let mut connector_cfg = foreign.tls("connector", "web-1").tunnel_config(true).unwrap();
+    let mut agent_cfg = pki.tls("agent", "alice").unwrap().tunnel_config(false).unwrap();
+    let mut connector_cfg = foreign.tls("connector", "web-1").unwrap().tunnel_config(true).unwrap();
     let path = PathLayer::via_relay(session, relay);
     let mut agent = Tunnel::connect(session, "web".into(), "ztna://connector/web-1".into(), path.clone(), &mut agent_cfg).unwrap();
     let mut connector = Tunnel::accept(session, "web".into(), "ztna://agent/alice".into(), path, &mut connector_cfg).unwrap();

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ztna_e2e::{Lab, Pki, SIGKILL, bin, metric_sum, wait_for_log};
+use ztna_e2e::{Host, Lab, Pki, SIGKILL, Workers, bin, test_lab, metric_sum, test_pki, relay, wait_for_log};
 
 /// Size of the file fetched through the tunnel: enough for over a thousand DATA frames.
 const FILE_LEN: usize = 2 << 20;
@@ -25,9 +25,11 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// The relay's admin endpoint, on the relay host's loopback.
+const ADMIN: &str = "127.0.0.1:9090";
+
 fn relay_metrics(lab: &Lab) -> String {
-    let m = lab.run("relay", "curl", &["-s", "--max-time", "5", "http://127.0.0.1:9090/metrics"]);
-    String::from_utf8_lossy(&m.stdout).into_owned()
+    lab.metrics_text(Host::Relay, ADMIN.parse().unwrap()).unwrap()
 }
 
 fn xdp(text: &str, result: &str) -> f64 {
@@ -44,12 +46,12 @@ impl Run {
     /// The lab and a web server with the test file on the connector host.
     fn lab(tag: &str, pki: &Pki) -> Run {
         let dir = pki.path().to_path_buf();
-        let mut lab = Lab::up(tag);
+        let mut lab = test_lab(tag);
         let www = dir.join("www");
         std::fs::create_dir_all(&www).unwrap();
         let data: Vec<u8> = (0..FILE_LEN).map(|i| (i as u32).wrapping_mul(2654435761).to_be_bytes()[0]).collect();
         std::fs::write(www.join("blob"), &data).unwrap();
-        lab.spawn("conn", Path::new("python3"), &["-m", "http.server", "8000", "--bind", "::", "--directory", &s(&www)], &dir.join("backend.log"));
+        lab.spawn(Host::Conn, Path::new("python3"), &["-m", "http.server", "8000", "--bind", "::", "--directory", &s(&www)], &dir.join("backend.log")).unwrap();
         let relay_log = dir.join("relay.log");
         Run { lab, dir, relay_log, relay_starts: 0 }
     }
@@ -59,23 +61,19 @@ impl Run {
         let d = self.dir.clone();
         self.relay_starts += 1;
         self.relay_log = d.join(format!("relay-{mode}-{}.log", self.relay_starts));
-        let mut args = vec![
-            "--listen".to_string(), "[::]:4433".into(), "--admin".into(), "127.0.0.1:9090".into(), "--workers".into(), "2".into(),
-            "--xdp-iface".into(), "a0,c0".into(), "--xdp-mode".into(), mode.into(),
-            "--cert".into(), s(&d.join("relay.pem")), "--key".into(), s(&d.join("relay.key")),
-            "--ca".into(), s(&d.join("ca.pem")), "--policy".into(), s(&d.join("policy.toml")),
-        ];
+        let mut args = relay::args(&d, "[::]:4433", ADMIN, Workers::Pinned(2));
+        args.extend(["--xdp-iface", "a0,c0", "--xdp-mode", mode].map(String::from));
         args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = self.relay_log.clone();
-        let index = self.lab.spawn("relay", &bin("ztna-relay"), &args, &log);
-        wait_for_log(&log, "relay started", Duration::from_secs(10));
+        let index = self.lab.spawn(Host::Relay, &bin("ztna-relay"), &args, &log).unwrap();
+        wait_for_log(&log, "relay started", Duration::from_secs(10)).unwrap();
         index
     }
 
     /// The XDP program attached to a relay interface, as `ip` reports it.
     fn attached(&self, iface: &str) -> Option<String> {
-        let out = self.lab.run("relay", "ip", &["-d", "-j", "link", "show", "dev", iface]);
+        let out = self.lab.output(Host::Relay, &["ip", "-d", "-j", "link", "show", "dev", iface]).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         Some(v.get(0)?.get("xdp")?.get("prog")?.get("name")?.as_str()?.to_string())
     }
@@ -85,29 +83,30 @@ impl Run {
         let d = self.dir.clone();
         let conn_log = d.join(format!("connector-{family}.log"));
         let name = format!("web-{family}");
-        self.lab.spawn(
-            "conn",
-            &bin("ztna-connector"),
-            &["--relay", relay_conn_side, "--pki-dir", &s(&d), "--name", "web-1", "--service", "web=localhost:8000"],
-            &conn_log,
-        );
-        wait_for_log(&conn_log, "registered", Duration::from_secs(10));
+        self.lab
+            .spawn(
+                Host::Conn,
+                &bin("ztna-connector"),
+                &["--relay", relay_conn_side, "--pki-dir", &s(&d), "--name", "web-1", "--service", "web=localhost:8000"],
+                &conn_log,
+            )
+            .unwrap();
+        wait_for_log(&conn_log, "registered", Duration::from_secs(10)).unwrap();
         let agent_log = d.join(format!("agent-{family}.log"));
-        self.lab.spawn(
-            "agent",
-            &bin("ztna-agent"),
-            &["run", "--relay", relay_agent_side, "--pki-dir", &s(&d), "--name", "alice", "-L", &format!("{port}:web")],
-            &agent_log,
-        );
-        wait_for_log(&agent_log, "TCP forward ready", Duration::from_secs(10));
+        self.lab
+            .spawn(
+                Host::Agent,
+                &bin("ztna-agent"),
+                &["run", "--relay", relay_agent_side, "--pki-dir", &s(&d), "--name", "alice", "-L", &format!("{port}:web")],
+                &agent_log,
+            )
+            .unwrap();
+        wait_for_log(&agent_log, "TCP forward ready", Duration::from_secs(10)).unwrap();
         let out_file = d.join(format!("{name}.out"));
         let mut ok = false;
         for _ in 0..30 {
-            let out = self.lab.run(
-                "agent",
-                "curl",
-                &["-s", "--max-time", "20", "-o", &s(&out_file), &format!("http://127.0.0.1:{port}/blob")],
-            );
+            let url = format!("http://127.0.0.1:{port}/blob");
+            let out = self.lab.output(Host::Agent, &["curl", "-s", "--max-time", "20", "-o", &s(&out_file), &url]).unwrap();
             if out.status.success() && std::fs::metadata(&out_file).is_ok_and(|m| m.len() as usize == FILE_LEN) {
                 ok = true;
                 break;
@@ -136,13 +135,13 @@ impl Run {
             esc.push_str(&format!("\\x{}", &session_hex[i..i + 2]));
         }
         esc.push_str("payload");
-        let out = self.lab.run("agent", "bash", &["-c", &format!("printf '{esc}' > /dev/udp/{to}/4433")]);
+        let out = self.lab.output(Host::Agent, &["bash", "-c", &format!("printf '{esc}' > /dev/udp/{to}/4433")]).unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 }
 
 fn check_mode(tag: &str, mode: &str) {
-    let pki = Pki::new(tag);
+    let pki = test_pki(tag);
     let mut run = start(tag, &pki, mode);
     run.fetch("v4", "192.0.2.1:4433", "198.51.100.1:4433", 8080);
     let v4 = relay_metrics(&run.lab);
@@ -202,15 +201,15 @@ fn xdp_off_forwards_the_same_traffic_in_user_space() {
 /// of it stays attached (its programs hang on file descriptors), and it starts again.
 #[test]
 fn a_relay_comes_up_clean_over_an_earlier_instances_leftovers() {
-    let pki = Pki::new("xl");
+    let pki = test_pki("xl");
     let mut run = Run::lab("xl", &pki);
     let obj = run.dir.join("xdp_relay.o");
     std::fs::write(&obj, ztna_relay::ebpf::maps::XDP_OBJECT).unwrap();
-    let out = run.lab.run("relay", "ip", &["link", "set", "dev", "a0", "xdpgeneric", "obj", &s(&obj), "sec", "xdp"]);
+    let out = run.lab.output(Host::Relay, &["ip", "link", "set", "dev", "a0", "xdpgeneric", "obj", &s(&obj), "sec", "xdp"]).unwrap();
     assert!(out.status.success(), "planting a leftover: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(run.attached("a0").as_deref(), Some("ztna_xdp"));
     let holder = "import socket, time\ns = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\ns.bind(('::', 4433))\ntime.sleep(120)\n";
-    run.lab.spawn("relay", Path::new("python3"), &["-c", holder], &run.dir.join("holder.log"));
+    run.lab.spawn(Host::Relay, Path::new("python3"), &["-c", holder], &run.dir.join("holder.log")).unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
     let relay = run.start_relay("native", &[]);
@@ -221,13 +220,14 @@ fn a_relay_comes_up_clean_over_an_earlier_instances_leftovers() {
     let steered = metric_sum(&m, "ztna_relay_reuseport_steering_total", &[("result", "by_id")]);
     assert!(steered > 10.0, "reuseport steering placed {steered} datagrams by id");
 
-    run.lab.signal(relay, SIGKILL);
+    run.lab.process(relay).signal(SIGKILL);
+    run.lab.process(relay).wait_exit(Duration::from_secs(5));
     assert_eq!(run.attached("a0"), None, "a killed relay left XDP attached to a0");
     assert_eq!(run.attached("c0"), None, "a killed relay left XDP attached to c0");
     run.start_relay("native", &[]);
     assert_eq!(run.attached("a0").as_deref(), Some("ztna_xdp"));
     let agent = bin("ztna-agent");
-    let out = run.lab.run("agent", agent.to_str().unwrap(), &["check", "--relay", "192.0.2.1:4433", "--pki-dir", &s(&run.dir), "--name", "alice"]);
+    let out = run.lab.output(Host::Agent, &[agent.to_str().unwrap(), "check", "--relay", "192.0.2.1:4433", "--pki-dir", &s(&run.dir), "--name", "alice"]).unwrap();
     assert!(out.status.success(), "check after restart: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -235,12 +235,12 @@ fn a_relay_comes_up_clean_over_an_earlier_instances_leftovers() {
 /// are dropped in the kernel, and the relay counts both.
 #[test]
 fn sources_over_the_handshake_limit_are_blocklisted_in_xdp() {
-    let pki = Pki::new("xb");
+    let pki = test_pki("xb");
     let mut run = Run::lab("xb", &pki);
     run.start_relay("skb", &["--handshake-rate", "0.1", "--handshake-burst", "1"]);
     let agent = bin("ztna-agent");
     let check = |run: &Run| {
-        run.lab.run("agent", agent.to_str().unwrap(), &["check", "--relay", "192.0.2.1:4433", "--pki-dir", &s(&run.dir), "--name", "alice", "--timeout", "2"])
+        run.lab.output(Host::Agent, &[agent.to_str().unwrap(), "check", "--relay", "192.0.2.1:4433", "--pki-dir", &s(&run.dir), "--name", "alice", "--timeout", "2"]).unwrap()
     };
     assert!(check(&run).status.success(), "the first handshake is within the limit");
     for _ in 0..2 {
