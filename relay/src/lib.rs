@@ -4,7 +4,7 @@
 
 pub mod admin;
 pub mod config;
-pub mod control;
+pub mod core;
 pub mod ebpf;
 pub mod io;
 pub mod metrics;

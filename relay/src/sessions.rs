@@ -9,8 +9,26 @@ use std::time::{Duration, Instant};
 
 use ztna_proto::SessionId;
 
-use crate::ebpf::xdp::SessionMirror;
 use crate::metrics::DropReason;
+
+/// The kernel's copy of the session table (the XDP fast path). Every change to the table
+/// goes through one, so no caller can forget to mirror it.
+pub trait Mirror {
+    fn mirror_upsert(&mut self, id: &SessionId, agent: SocketAddr, connector: SocketAddr);
+    fn mirror_remove(&mut self, id: &SessionId);
+    /// When the kernel last forwarded a frame of `id` (frames XDP forwards never reach
+    /// user space); `None` without XDP.
+    fn mirror_last_seen(&self, id: &SessionId, now: Instant) -> Option<Instant>;
+}
+
+/// No kernel copy (XDP off).
+impl Mirror for () {
+    fn mirror_upsert(&mut self, _: &SessionId, _: SocketAddr, _: SocketAddr) {}
+    fn mirror_remove(&mut self, _: &SessionId) {}
+    fn mirror_last_seen(&self, _: &SessionId, _: Instant) -> Option<Instant> {
+        None
+    }
+}
 
 /// Session ids are random (but for the worker byte), so their bytes are already a good hash;
 /// a keyed hasher would only cost cycles on the hot path.
@@ -34,7 +52,7 @@ pub type IdMap<V> = HashMap<SessionId, V, BuildHasherDefault<IdHasher>>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnRef {
     pub worker: u8,
-    pub conn: crate::control::ConnKey,
+    pub conn: crate::core::conn::ConnKey,
 }
 
 #[derive(Debug, Clone)]
@@ -57,50 +75,38 @@ pub enum Forward {
     Drop(DropReason),
 }
 
-/// The sessions a worker owns. With XDP on, every change is mirrored into the
-/// kernel's session map here, so no caller can forget to.
+/// The sessions a worker owns.
 #[derive(Default)]
 pub struct SessionTable {
     sessions: IdMap<Session>,
-    mirror: Option<SessionMirror>,
 }
 
 impl SessionTable {
-    pub fn new(mirror: Option<SessionMirror>) -> Self {
-        SessionTable { sessions: IdMap::default(), mirror }
-    }
-
-    pub fn insert(&mut self, id: SessionId, s: Session) {
-        if let Some(m) = &self.mirror {
-            m.upsert(&id, s.agent_addr, s.connector_addr);
-        }
+    pub fn insert(&mut self, id: SessionId, s: Session, mirror: &mut impl Mirror) {
+        mirror.mirror_upsert(&id, s.agent_addr, s.connector_addr);
         self.sessions.insert(id, s);
     }
 
-    pub fn remove(&mut self, id: &SessionId) -> Option<Session> {
+    pub fn remove(&mut self, id: &SessionId, mirror: &mut impl Mirror) -> Option<Session> {
         let s = self.sessions.remove(id)?;
-        if let Some(m) = &self.mirror {
-            m.remove(id);
-        }
+        mirror.mirror_remove(id);
         Some(s)
     }
 
     /// The agent's validated address moved (QUIC migration or NAT rebinding).
-    pub fn rebind_agent(&mut self, id: &SessionId, addr: SocketAddr) {
-        self.rebind(id, |s| s.agent_addr = addr);
+    pub fn rebind_agent(&mut self, id: &SessionId, addr: SocketAddr, mirror: &mut impl Mirror) {
+        self.rebind(id, |s| s.agent_addr = addr, mirror);
     }
 
     /// The connector's validated address moved.
-    pub fn rebind_connector(&mut self, id: &SessionId, addr: SocketAddr) {
-        self.rebind(id, |s| s.connector_addr = addr);
+    pub fn rebind_connector(&mut self, id: &SessionId, addr: SocketAddr, mirror: &mut impl Mirror) {
+        self.rebind(id, |s| s.connector_addr = addr, mirror);
     }
 
-    fn rebind(&mut self, id: &SessionId, change: impl FnOnce(&mut Session)) {
+    fn rebind(&mut self, id: &SessionId, change: impl FnOnce(&mut Session), mirror: &mut impl Mirror) {
         let Some(s) = self.sessions.get_mut(id) else { return };
         change(s);
-        if let Some(m) = &self.mirror {
-            m.upsert(id, s.agent_addr, s.connector_addr);
-        }
+        mirror.mirror_upsert(id, s.agent_addr, s.connector_addr);
     }
 
     pub fn get(&self, id: &SessionId) -> Option<&Session> {
@@ -138,15 +144,16 @@ impl SessionTable {
         Forward::To(to)
     }
 
-    /// Removes and returns sessions idle for longer than `idle`. Frames XDP forwarded never
-    /// reached this table, so a session idle here asks the kernel mirror when it last moved.
-    pub fn expire(&mut self, now: Instant, idle: Duration, out: &mut Vec<(SessionId, Session)>) {
+    /// Sessions idle for longer than `idle` (left in the table: ending one is the caller's).
+    /// Frames XDP forwarded never reached this table, so a session idle here asks the
+    /// kernel mirror when it last moved.
+    pub fn idle(&mut self, now: Instant, idle: Duration, mirror: &impl Mirror) -> Vec<SessionId> {
         let mut expired = Vec::new();
         for (id, s) in self.sessions.iter_mut() {
             if now.saturating_duration_since(s.last_active) <= idle {
                 continue;
             }
-            if let Some(seen) = self.mirror.as_ref().and_then(|m| m.last_seen(id, now))
+            if let Some(seen) = mirror.mirror_last_seen(id, now)
                 && seen > s.last_active
             {
                 s.last_active = seen;
@@ -156,11 +163,7 @@ impl SessionTable {
             }
             expired.push(*id);
         }
-        for id in expired {
-            if let Some(s) = self.remove(&id) {
-                out.push((id, s));
-            }
-        }
+        expired
     }
 }
 
@@ -187,7 +190,7 @@ mod tests {
         let now = Instant::now();
         let mut t = SessionTable::default();
         let id = SessionId::new(0, [1; 7]);
-        t.insert(id, session("192.0.2.1:1000", "[2001:db8::2]:2000", now));
+        t.insert(id, session("192.0.2.1:1000", "[2001:db8::2]:2000", now), &mut ());
         assert_eq!(t.forward(&id, "192.0.2.1:1000".parse().unwrap(), now), Forward::To("[2001:db8::2]:2000".parse().unwrap()));
         assert_eq!(t.forward(&id, "[2001:db8::2]:2000".parse().unwrap(), now), Forward::To("192.0.2.1:1000".parse().unwrap()));
         assert_eq!(t.forward(&id, "192.0.2.1:1001".parse().unwrap(), now), Forward::Drop(DropReason::unbound_source));
@@ -200,13 +203,10 @@ mod tests {
         let now = Instant::now();
         let mut t = SessionTable::default();
         let (a, b) = (SessionId::new(0, [1; 7]), SessionId::new(0, [2; 7]));
-        t.insert(a, session("192.0.2.1:1", "192.0.2.2:2", now));
-        t.insert(b, session("192.0.2.1:1", "192.0.2.2:2", now));
+        t.insert(a, session("192.0.2.1:1", "192.0.2.2:2", now), &mut ());
+        t.insert(b, session("192.0.2.1:1", "192.0.2.2:2", now), &mut ());
         t.forward(&b, "192.0.2.1:1".parse().unwrap(), now + Duration::from_secs(50));
-        let mut out = Vec::new();
-        t.expire(now + Duration::from_secs(61), Duration::from_secs(60), &mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].0, a);
-        assert!(t.contains(&b));
+        let idle = t.idle(now + Duration::from_secs(61), Duration::from_secs(60), &());
+        assert_eq!(idle, vec![a]);
     }
 }

@@ -8,30 +8,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use ztna_proto::{ErrorCode, Message, SessionId};
-
 use crate::config::Config;
-use crate::control::ConnKey;
+use crate::core::CoreMsg;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::ratelimit::HandshakeLimiter;
 use crate::registry::Registry;
 use crate::retry::RetryKey;
 
-/// Messages between workers.
-pub enum WorkerMsg {
-    /// A datagram that arrived on a worker that does not own it, in a buffer from the
-    /// sending worker's hand-off pool (returned there after use).
-    Datagram { from: SocketAddr, buf: HandoffBuf, len: usize, pool: u8 },
-    /// Deliver a session offer to a connector connection on this worker.
-    /// `addr` is the connector address the owner bound; if the connector has moved since,
-    /// its worker tells the owner.
-    Offer { conn: ConnKey, session: SessionId, owner: u8, addr: SocketAddr, msg: Message },
-    /// A session ended: tell this connection (if still here) and forget the session.
-    SessionEnded { conn: ConnKey, session: SessionId, reason: ErrorCode },
-    /// To a session's owner: end it (the connector side left or asked to close).
-    EndSession { session: SessionId, reason: ErrorCode },
-    /// To a session's owner: the connector side's validated address changed.
-    ConnectorMoved { session: SessionId, addr: SocketAddr },
+/// A datagram that arrived on a worker that does not own it, in a buffer from the sending
+/// worker's hand-off pool (returned there after use).
+pub struct Handoff {
+    pub from: SocketAddr,
+    pub buf: HandoffBuf,
+    pub len: usize,
+    pub pool: u8,
 }
 
 /// A buffer for one handed-off datagram.
@@ -75,15 +66,15 @@ impl Default for HandoffPool {
 /// queue of their own that never refuses, since losing one would strand a session. An
 /// eventfd wakes the worker's poll.
 pub struct Mailbox {
-    datagrams: Sender<WorkerMsg>,
-    control: Sender<WorkerMsg>,
+    datagrams: Sender<Handoff>,
+    control: Sender<CoreMsg>,
     wake: OwnedFd,
 }
 
 /// The receiving side of a [`Mailbox`], owned by its worker.
 pub struct Inbox {
-    pub control: Receiver<WorkerMsg>,
-    pub datagrams: Receiver<WorkerMsg>,
+    pub control: Receiver<CoreMsg>,
+    pub datagrams: Receiver<Handoff>,
 }
 
 pub const MAILBOX_CAPACITY: usize = 8192;
@@ -102,11 +93,20 @@ impl Mailbox {
         Ok((Mailbox { datagrams, control, wake }, Inbox { control: control_rx, datagrams: datagrams_rx }))
     }
 
-    /// Queues a message and wakes the worker. A datagram that does not fit is handed back
-    /// so the caller can count it and recycle its buffer.
-    pub fn send(&self, msg: WorkerMsg) -> Result<(), WorkerMsg> {
-        let queue = if matches!(msg, WorkerMsg::Datagram { .. }) { &self.datagrams } else { &self.control };
-        match queue.try_send(msg) {
+    /// Queues a handed-off datagram and wakes the worker. One that does not fit is handed
+    /// back so the caller can count it and recycle its buffer.
+    pub fn hand_off(&self, d: Handoff) -> Result<(), Handoff> {
+        self.queue(&self.datagrams, d)
+    }
+
+    /// Queues a message for the worker's core and wakes it; refused only when the worker
+    /// is gone.
+    pub fn post(&self, msg: CoreMsg) -> Result<(), CoreMsg> {
+        self.queue(&self.control, msg)
+    }
+
+    fn queue<T>(&self, queue: &Sender<T>, item: T) -> Result<(), T> {
+        match queue.try_send(item) {
             Ok(()) => {
                 self.wake();
                 Ok(())
@@ -134,6 +134,8 @@ pub struct Shared {
     pub policy: RwLock<Arc<Policy>>,
     registry: Mutex<Registry>,
     pub retry_key: RetryKey,
+    /// New handshakes per source, for the relay as a whole.
+    pub limiter: HandshakeLimiter,
     pub metrics: Metrics,
     pub mailboxes: Vec<Mailbox>,
     /// Hand-off buffer pools, one per worker (indexed by the sending worker).
@@ -167,6 +169,7 @@ impl Shared {
             policy: RwLock::new(Arc::new(policy)),
             registry: Mutex::new(Registry::default()),
             retry_key: RetryKey::random(),
+            limiter: HandshakeLimiter::new(config.limits.handshakes_per_ip_per_sec, config.limits.handshake_burst),
             metrics,
             handoff_pools: (0..workers).map(|_| HandoffPool::new()).collect(),
             mailboxes,
