@@ -18,7 +18,7 @@ use ztna_proto::frame::{DATA_HEADER_LEN, TYPE_DATA as DATA};
 
 use crate::flood::sockaddr;
 use crate::sessions::load_sessions;
-use crate::sys;
+use crate::interrupt;
 
 /// Datagrams per recvmmsg/sendmmsg call, buffer size and socket buffers: the relay's.
 const BATCH: usize = 64;
@@ -137,7 +137,7 @@ pub fn run(a: &BaselineArgs) -> Result<Counters> {
         }
     }
     let sock = bind(a.listen)?;
-    sys::catch_stop_signals();
+    interrupt::catch_stop_signals();
     println!("baseline-forwarder: {} sessions from {}, listening on {}", file.sessions.len(), a.sessions.display(), a.listen);
     let counters = forward(sock.as_raw_fd(), &table, Duration::from_secs_f64(a.seconds));
     println!("{}", serde_json::to_string(&counters)?);
@@ -158,7 +158,7 @@ fn forward(fd: libc::c_int, table: &Table, limit: Duration) -> Counters {
     let mut siov: Vec<libc::iovec> = vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; BATCH];
     let mut shdr: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
     let end = Instant::now() + limit;
-    while Instant::now() < end && !sys::stop_requested() {
+    while Instant::now() < end && !interrupt::stop_requested() {
         for i in 0..BATCH {
             let h = &mut rhdr[i].msg_hdr;
             h.msg_name = (&mut from[i] as *mut libc::sockaddr_storage).cast();

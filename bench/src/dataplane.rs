@@ -24,17 +24,17 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::flood::{self, FloodArgs, LatencyUs};
-use crate::lab::{self, Host, Lab};
-use crate::procs::{self, ChildGuard, TempDir};
+use ztna_testbed::lab::{self, Host, Lab};
+use ztna_testbed::{Process, Relay, Scrape, TempDir, bins};
+
+use crate::interrupt::{self, check_interrupted};
+use crate::lab_run;
+use crate::relay_counters;
+use crate::relay_under_test::{self, DROP_GRACE};
 use crate::sessions::{self, ExportCommon, ExportTrafgenArgs, SessionEntry, SessionsFile};
 use crate::setup::{self, SessionSetupArgs};
-use crate::standard;
 use crate::sys::{self, Machine};
-use crate::netns;
 
-pub const BEGIN: &str = "<!-- bench:dataplane:begin -->";
-pub const END: &str = "<!-- bench:dataplane:end -->";
-pub const HEADING: &str = "## Data plane: forwarding rate on the lab topology";
 
 /// Latency runs get a connector identity and service each (`lat-N`), so a connector that an
 /// earlier run left registered (its close lost in a full socket) cannot take a later run's offers.
@@ -43,21 +43,14 @@ const LATENCY_IDENTITIES: usize = 16;
 /// `ztna-relay pki init` with agent alice, connectors web-1 and lat-1.., and a policy granting
 /// alice service `web` (served by web-1) and `latN` (served by lat-N).
 fn pki_init(relay_bin: &Path, dir: &Path) -> Result<()> {
-    let mut cmd = Command::new(relay_bin);
-    cmd.args(["pki", "init", "--dir"]).arg(dir).args(["--agent", "alice", "--connector", "web-1"]);
-    for i in 1..=LATENCY_IDENTITIES {
-        cmd.args(["--connector", &format!("lat-{i}")]);
-    }
-    let st = cmd.stdout(Stdio::null()).status().context("running ztna-relay pki init")?;
-    if !st.success() {
-        bail!("`ztna-relay pki init` failed ({st})");
-    }
+    let latency: Vec<String> = (1..=LATENCY_IDENTITIES).map(|i| format!("lat-{i}")).collect();
+    let latency: Vec<&str> = latency.iter().map(String::as_str).collect();
+    let pki = relay_under_test::pki_init(relay_bin, dir, &latency)?;
     let mut policy = String::from("[services.web]\nagents = [\"ztna://agent/alice\"]\nconnectors = [\"ztna://connector/web-1\"]\n");
     for i in 1..=LATENCY_IDENTITIES {
         let _ = write!(policy, "\n[services.lat{i}]\nagents = [\"ztna://agent/alice\"]\nconnectors = [\"ztna://connector/lat-{i}\"]\n");
     }
-    let path = dir.join("policy.toml");
-    std::fs::write(&path, policy).with_context(|| format!("writing {}", path.display()))
+    pki.set_policy(&policy)
 }
 
 /// UDP ports in the relay host: the relay's, and the baseline forwarder's beside it.
@@ -65,18 +58,18 @@ const RELAY_PORT: u16 = 4433;
 const BASELINE_PORT: u16 = 4434;
 const ADMIN: &str = "127.0.0.1:9090";
 /// A rate step passes with less loss than this.
-const MAX_LOSS: f64 = 0.01;
+pub const MAX_LOSS: f64 = 0.01;
 /// The generator reached its target when it offered at least this share of it.
 const GENERATOR_OK: f64 = 0.95;
 /// nftables table (connector host) that counts and drops the generator's frames.
 const NFT_TABLE: &str = "ztnabench";
 /// Where the search starts, and at most how many steps it takes per row.
-const START_PPS: f64 = 100_000.0;
+pub const START_PPS: f64 = 100_000.0;
 const MAX_STEPS: usize = 10;
 /// Frames per second of step time that a flat-out step sends (more than trafgen manages here).
 const FLAT_OUT_PPS: f64 = 1_000_000.0;
 /// Generator and forwarder run at this niceness, so other work on the machine disturbs less.
-const NICE: &str = "-10";
+pub const NICE: &str = "-10";
 /// Wait after the generator stops, for frames still queued on the way.
 const DRAIN: Duration = Duration::from_millis(200);
 
@@ -100,7 +93,7 @@ fn wait_quiet(limit: Duration) -> Result<f64> {
         if load < QUIET_CORES || Instant::now() >= end {
             return Ok(load);
         }
-        lab::check_interrupted()?;
+        check_interrupted()?;
         if !said {
             println!("   waiting up to {:.0} s for other load ({load:.2} cores) to settle", limit.as_secs_f64());
             said = true;
@@ -294,7 +287,7 @@ pub struct DataplaneReport {
     pub total_s: f64,
 }
 
-fn family(v6: bool) -> &'static str {
+pub fn family(v6: bool) -> &'static str {
     if v6 { "IPv6" } else { "IPv4" }
 }
 
@@ -469,7 +462,7 @@ const UNPACED: &str = "100000000pps";
 
 /// One generator run for `--step-seconds`, frames counted where `counter_host` drops them.
 fn step(ctx: &Ctx, frames: &Frames, pace: Pace, counter_host: Host, fwd: Forwarder) -> Result<Step> {
-    lab::check_interrupted()?;
+    check_interrupted()?;
     let lab = ctx.lab;
     let rate = pace.rate();
     let n = ((rate.unwrap_or(FLAT_OUT_PPS) * ctx.a.step_seconds).ceil() as u64).max(1000);
@@ -510,10 +503,10 @@ fn step(ctx: &Ctx, frames: &Frames, pace: Pace, counter_host: Host, fwd: Forward
         if let Some(st) = child.try_wait()? {
             break st;
         }
-        if started.elapsed() > limit || sys::stop_requested() {
+        if started.elapsed() > limit || interrupt::stop_requested() {
             let _ = child.kill();
             let _ = child.wait();
-            lab::check_interrupted()?;
+            check_interrupted()?;
             bail!("trafgen did not finish {n} frames within {:.0} s", limit.as_secs_f64());
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -678,38 +671,23 @@ impl Holder {
     }
 }
 
-fn wait_healthy(ctx: &Ctx, relay: &mut ChildGuard) -> Result<()> {
-    let admin: SocketAddr = ADMIN.parse()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        relay.check_alive().context("the relay did not start")?;
-        if netns::run_in(&ctx.lab.ns(Host::Relay), || Ok(sys::healthy(admin)))? {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the relay did not answer http://{ADMIN}/healthz in its host within 10 s:\n{}", procs::log_tail(&relay.log, 20));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn relay_command_line(pki: &Path, flags: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = vec!["--listen".into(), format!("[::]:{RELAY_PORT}"), "--admin".into(), ADMIN.into()];
-    v.extend(standard::relay_flags(pki, true));
+    let mut v = relay_under_test::args(pki, &format!("[::]:{RELAY_PORT}"), ADMIN, true);
     v.extend(flags.iter().map(|s| s.to_string()));
     v
 }
 
-fn start_relay(ctx: &Ctx, variant: Variant, flags: &[&str]) -> Result<ChildGuard> {
+fn start_relay(ctx: &Ctx, variant: Variant, flags: &[&str]) -> Result<Relay> {
     let mut cmd = ctx.lab.cmd(Host::Relay, "nice");
     cmd.args(ctx.pinned()).arg(&ctx.relay_bin).args(relay_command_line(&ctx.pki, flags)).env("ZTNA_LOG", "warn");
     let log = ctx.tmp.join(format!("relay-{variant:?}.log"));
-    let mut g = ChildGuard::spawn(&format!("relay ({})", variant.label()), cmd, log)?;
-    wait_healthy(ctx, &mut g)?;
-    Ok(g)
+    let mut relay = Relay::spawn(cmd, &log, RELAY_PORT, ADMIN.parse()?, Some(&ctx.lab.ns(Host::Relay)))
+        .with_context(|| format!("starting the {}", variant.label()))?;
+    relay.process.set_drop_grace(DROP_GRACE);
+    Ok(relay)
 }
 
-async fn start_baseline(ctx: &Ctx<'_>, sessions: &Path, tag: &str) -> Result<ChildGuard> {
+fn start_baseline(ctx: &Ctx<'_>, sessions: &Path, tag: &str) -> Result<Process> {
     let exe = std::env::current_exe().context("locating this executable")?;
     let mut cmd = ctx.lab.cmd(Host::Relay, "nice");
     cmd.args(ctx.pinned())
@@ -717,14 +695,14 @@ async fn start_baseline(ctx: &Ctx<'_>, sessions: &Path, tag: &str) -> Result<Chi
         .args(["baseline-forwarder", "--listen", &format!("[::]:{BASELINE_PORT}"), "--sessions"])
         .arg(sessions)
         .args(["--seconds", &format!("{:.0}", ctx.a.budget + 300.0)]);
-    let mut g = ChildGuard::spawn("baseline forwarder", cmd, ctx.tmp.join(format!("baseline-{tag}.log")))?;
-    g.wait_for_log(&["listening on"], Duration::from_secs(10)).await?;
-    Ok(g)
+    let mut p = Process::spawn("baseline forwarder", cmd, ctx.tmp.join(format!("baseline-{tag}.log")))?;
+    p.set_drop_grace(DROP_GRACE);
+    p.wait_for_log(&["listening on"], Duration::from_secs(10))?;
+    Ok(p)
 }
 
-fn relay_drops(ctx: &Ctx) -> Option<sys::Scrape> {
-    let admin: SocketAddr = ADMIN.parse().ok()?;
-    netns::run_in(&ctx.lab.ns(Host::Relay), || sys::scrape(admin)).ok()
+fn relay_drops(ctx: &Ctx) -> Option<Scrape> {
+    ctx.lab.scrape(Host::Relay, ADMIN.parse().ok()?).ok()
 }
 
 fn empty_row(variant: Variant, ipv6: bool, payload: usize, error: Option<String>) -> Row {
@@ -778,7 +756,7 @@ fn measure_row(ctx: &Ctx, row: &mut Row, cfg: &Frames, budget: Duration, gen_cos
     row.generator_limited = s.generator_limited;
     row.steps = s.steps;
     if let (Some(b), Some(a)) = (before, scrape.then(|| relay_drops(ctx)).flatten()) {
-        row.relay_dropped = sys::counters_between(&b, &a).dropped;
+        row.relay_dropped = relay_counters::drops_between(&b, &a);
     }
 }
 
@@ -922,12 +900,7 @@ pub fn check_tools() -> Result<()> {
         bail!("the data-plane benchmark needs root (network namespaces, trafgen, nftables)");
     }
     for (tool, pkg) in [("trafgen", "netsniff-ng"), ("nft", "nftables"), ("taskset", "util-linux"), ("ip", "iproute2")] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
+        if !bins::on_path(tool) {
             bail!("{tool} is not installed (Debian: apt-get install {pkg}; scripts/install-deps.sh installs it)");
         }
     }
@@ -955,14 +928,14 @@ pub async fn run(a: &DataplaneArgs) -> Result<DataplaneReport> {
         bail!("--relay-cpu {} does not exist on this {cores}-core machine", a.relay_cpu);
     }
     check_tools()?;
-    let relay_bin = standard::relay_bin(a.relay_bin.as_deref())?;
+    let relay_bin = relay_under_test::relay_bin(a.relay_bin.as_deref())?;
     let help = Command::new(&relay_bin).arg("--help").output().context("running ztna-relay --help")?;
     let help = String::from_utf8_lossy(&help.stdout).into_owned();
     let started = Instant::now();
-    let tmp = TempDir::new()?;
-    let pki = tmp.0.join("pki");
+    let tmp = TempDir::new("bench")?;
+    let pki = tmp.path().join("pki");
     pki_init(&relay_bin, &pki)?;
-    let lab = Lab::for_run(&a.lab_script, "zb")?;
+    let lab = lab_run::up(&a.lab_script, "zb")?;
     if a.rps {
         // As with a NIC whose interrupts land on the relay's core: the relay host's receive work
         // on the relay's CPU, the connector host's on the other one (the generator's).
@@ -973,7 +946,7 @@ pub async fn run(a: &DataplaneArgs) -> Result<DataplaneReport> {
     let ctx = Ctx {
         a,
         lab: &lab,
-        tmp: tmp.0.clone(),
+        tmp: tmp.path().to_path_buf(),
         pki,
         relay_bin,
         src_mac: lab.mac(Host::Agent, "a1")?,
@@ -1021,10 +994,10 @@ pub async fn run(a: &DataplaneArgs) -> Result<DataplaneReport> {
     // (or the mmsg relay, only for that, when no relay variant was asked for).
     let host_variants: Vec<Variant> = if relay_variants.is_empty() { vec![Variant::Mmsg] } else { relay_variants.clone() };
     for variant in host_variants {
-        lab::check_interrupted()?;
+        check_interrupted()?;
         let Ok(flags) = variant.relay_flags(&help) else { continue };
         let measure_self = relay_variants.contains(&variant);
-        let mut relay = match start_relay(&ctx, variant, &flags) {
+        let relay = match start_relay(&ctx, variant, &flags) {
             Ok(r) => r,
             Err(e) => {
                 for r in rows.iter_mut().filter(|r| r.variant == variant) {
@@ -1055,7 +1028,7 @@ pub async fn run(a: &DataplaneArgs) -> Result<DataplaneReport> {
                 }
             };
             // Baseline rows first (beside this relay, which holds the sessions), then this relay's.
-            let mut baseline: Option<ChildGuard> = None;
+            let mut baseline: Option<Process> = None;
             for &i in &rows_here {
                 let (rv, payload) = (rows[i].variant, rows[i].payload);
                 let port = if rv == Variant::Baseline { BASELINE_PORT } else { RELAY_PORT };
@@ -1069,7 +1042,7 @@ pub async fn run(a: &DataplaneArgs) -> Result<DataplaneReport> {
                 };
                 if rv == Variant::Baseline && baseline.is_none() {
                     let sessions = ctx.tmp.join(format!("sessions-{tag}.json"));
-                    match start_baseline(&ctx, &sessions, &tag).await {
+                    match start_baseline(&ctx, &sessions, &tag) {
                         Ok(b) => baseline = Some(b),
                         Err(e) => {
                             rows[i].error = Some(format!("{e:#}"));
@@ -1081,7 +1054,7 @@ pub async fn run(a: &DataplaneArgs) -> Result<DataplaneReport> {
                 let fwd = Forwarder(Some(if rv == Variant::Baseline { baseline.as_ref().map_or(0, |b| b.pid()) } else { relay.pid() }));
                 measure_row(&ctx, &mut rows[i], &cfg, per_row, gc, fwd, rv != Variant::Baseline);
             }
-            if let Some(mut b) = baseline {
+            if let Some(b) = baseline {
                 b.stop(Duration::from_secs(5));
             }
             holder.close().await;
@@ -1095,8 +1068,8 @@ pub async fn run(a: &DataplaneArgs) -> Result<DataplaneReport> {
                 rows[i].latency = Some(latency(&ctx, relay.pid(), p, max / 2.0).await);
             }
         }
-        let (exit, _) = relay.stop(Duration::from_secs(10));
-        let (warnings, n) = procs::log_warnings(&relay.log, 3);
+        let (exit, _) = relay.process.stop(Duration::from_secs(10));
+        let (warnings, n) = ztna_testbed::process::log_warnings(relay.process.log(), 3);
         if n > 0 {
             println!("   relay stopped: {exit}; {n} WARN/ERROR log lines: {}", warnings.join(" | "));
         }
@@ -1112,7 +1085,7 @@ pub async fn run(a: &DataplaneArgs) -> Result<DataplaneReport> {
         date: sys::utc_now(),
         revision: sys::git_revision(),
         machine: sys::machine(),
-        command: format!("{} && target/release/ztna-bench {}", procs::BUILD, argv.join(" ")),
+        command: format!("{} && target/release/ztna-bench {}", relay_under_test::BUILD, argv.join(" ")),
         relay_cpu: a.relay_cpu,
         rps: a.rps,
         step_seconds: a.step_seconds,
@@ -1128,288 +1101,4 @@ pub async fn run(a: &DataplaneArgs) -> Result<DataplaneReport> {
         total_s: started.elapsed().as_secs_f64(),
     };
     Ok(report)
-}
-
-fn pps(v: Option<f64>) -> String {
-    v.map(|v| format!("{:.0}", v)).unwrap_or_else(|| "-".into())
-}
-
-fn us(l: &Option<LatencyUs>, f: impl Fn(&LatencyUs) -> f64) -> String {
-    l.as_ref().map(|l| format!("{:.0} µs", f(l))).unwrap_or_else(|| "-".into())
-}
-
-fn baseline_of<'a>(r: &'a DataplaneReport, row: &Row) -> Option<&'a Row> {
-    r.rows.iter().find(|b| b.variant == Variant::Baseline && b.ipv6 == row.ipv6 && b.payload == row.payload)
-}
-
-fn ratio(r: &DataplaneReport, row: &Row) -> String {
-    if row.variant == Variant::Baseline {
-        return "1.00".into();
-    }
-    match (row.max_pps, baseline_of(r, row)) {
-        (Some(m), Some(b)) => match b.max_pps.filter(|&x| x > 0.0) {
-            Some(bp) => {
-                // A generator-limited side gives only a lower (or upper) bound.
-                let bound = match (row.generator_limited, b.generator_limited) {
-                    (true, false) => "≥ ",
-                    (false, true) => "≤ ",
-                    (true, true) => "? ",
-                    (false, false) => "",
-                };
-                format!("{bound}{:.2}", m / bp)
-            }
-            None => "-".into(),
-        },
-        _ => "-".into(),
-    }
-}
-
-fn note(row: &Row) -> String {
-    let mut n = Vec::new();
-    if let Some(e) = &row.error {
-        // The first line says what failed; a log's last line usually says why.
-        let lines: Vec<&str> = e.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-        n.push(match lines.as_slice() {
-            [] => String::new(),
-            [one] => one.to_string(),
-            [first, .., last] => format!("{first} … {last}"),
-        });
-    }
-    if row.generator_limited {
-        let paced = row.steps.iter().rfind(|s| s.target_pps.is_some() && s.generator_limited);
-        let flat = row.steps.iter().rfind(|s| s.target_pps.is_none());
-        let mut t = "**GENERATOR LIMITED**".to_string();
-        if let Some(p) = paced {
-            let _ = write!(t, ": trafgen paced {:.0} of {:.0} pps asked", p.offered_pps, p.target_pps.unwrap_or_default());
-        }
-        match flat {
-            Some(f) if f.loss < MAX_LOSS => {
-                let _ = write!(t, "; flat out it offered {:.0} pps and {:.2}% were lost: the max is higher", f.offered_pps, f.loss * 100.0);
-            }
-            Some(f) => {
-                let _ = write!(
-                    t,
-                    "; flat out it offered {:.0} pps and {:.1}% were lost: the max lies in between, where trafgen cannot pace",
-                    f.offered_pps,
-                    f.loss * 100.0
-                );
-            }
-            None => t.push_str("; the max is higher"),
-        }
-        n.push(t);
-    }
-    if row.background_cores.is_some_and(|c| c > 0.25) {
-        n.push("other load on the machine: figures disturbed".into());
-    }
-    if !row.relay_dropped.is_empty() {
-        let d: Vec<String> = row.relay_dropped.iter().map(|(k, v)| format!("{v} {k}")).collect();
-        n.push(format!("relay drops: {}", d.join(", ")));
-    }
-    n.join("; ").replace('|', "\\|")
-}
-
-pub fn print(r: &DataplaneReport) {
-    println!();
-    println!("{}", table(r));
-    println!("{}", latency_table(r));
-}
-
-fn table(r: &DataplaneReport) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "| variant | IP | payload | max rate at < 1% loss (pps) | delivered (pps) | Gbps (UDP payload) | × baseline | loss there | process CPU / frame | machine CPU / frame | same, less generator and other load | other load | steps | note |"
-    );
-    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|");
-    for row in &r.rows {
-        let gbps = row.delivered_pps.map(|p| format!("{:.3}", p * (row.payload + 9) as f64 * 8.0 / 1e9)).unwrap_or_else(|| "-".into());
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} B | **{}** | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            row.variant.label(),
-            family(row.ipv6),
-            row.payload,
-            pps(row.max_pps),
-            pps(row.delivered_pps),
-            gbps,
-            ratio(r, row),
-            row.loss_at_max.map(|l| format!("{:.2}%", l * 100.0)).unwrap_or_else(|| "-".into()),
-            match (row.forwarder_cpu_us_per_frame, row.xdp_program_ns) {
-                (_, Some(ns)) => format!("{:.3} µs (XDP program)", ns / 1000.0),
-                (Some(c), None) => format!("{c:.2} µs"),
-                (None, None) => "-".into(),
-            },
-            row.machine_cpu_us_per_frame.map(|c| format!("{c:.2} µs")).unwrap_or_else(|| "-".into()),
-            row.cpu_us_per_frame.map(|c| format!("{c:.2} µs")).unwrap_or_else(|| "-".into()),
-            row.background_cores.map(|c| format!("{c:.2} cores")).unwrap_or_else(|| "-".into()),
-            row.steps.len(),
-            note(row),
-        );
-    }
-    s
-}
-
-fn latency_table(r: &DataplaneReport) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "| variant | payload | rate (half the max) | relay p50 | relay p99 | direct p50 | direct p99 | **added p50** | **added p99** | loss | note |");
-    let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|");
-    for row in r.rows.iter().filter(|row| row.latency.is_some()) {
-        let Some(l) = &row.latency else { continue };
-        let added = |f: fn(&LatencyUs) -> f64| match (&l.relay, &l.direct) {
-            (Some(a), Some(b)) => format!("{:.0} µs", f(a) - f(b)),
-            _ => "-".into(),
-        };
-        let mut notes: Vec<String> = l.note.iter().cloned().collect();
-        if l.generator_limited {
-            notes.push("GENERATOR LIMITED: flood did not reach the rate".into());
-        }
-        let _ = writeln!(
-            s,
-            "| {} | {} B | {:.0} pps | {} | {} | {} | {} | **{}** | **{}** | {:.2}% | {} |",
-            row.variant.label(),
-            row.payload,
-            l.rate_pps,
-            us(&l.relay, |x| x.p50),
-            us(&l.relay, |x| x.p99),
-            us(&l.direct, |x| x.p50),
-            us(&l.direct, |x| x.p99),
-            added(|x| x.p50),
-            added(|x| x.p99),
-            l.relay_loss * 100.0,
-            notes.join("; ").replace('|', "\\|"),
-        );
-    }
-    s
-}
-
-/// What one XDP-forwarded frame costs next to one the baseline forwards, where the rate
-/// search cannot tell (the generator runs out first).
-fn xdp_cost(r: &DataplaneReport) -> Option<String> {
-    let lines: Vec<String> = r
-        .rows
-        .iter()
-        .filter_map(|row| {
-            let ns = row.xdp_program_ns?;
-            let base = baseline_of(r, row).and_then(|b| b.forwarder_cpu_us_per_frame);
-            Some(match base {
-                Some(b) => format!(
-                    "{} {} B: {ns:.0} ns per frame in the XDP program against {:.2} µs of baseline process CPU per frame ({:.0}× less)",
-                    family(row.ipv6),
-                    row.payload,
-                    b,
-                    b * 1000.0 / ns
-                ),
-                None => format!("{} {} B: {ns:.0} ns per frame in the XDP program", family(row.ipv6), row.payload),
-            })
-        })
-        .collect();
-    (!lines.is_empty()).then(|| {
-        format!(
-            "**XDP's own cost** (the kernel's BPF run-time statistics, `kernel.bpf_stats_enabled`, over the XDP rows' \
-             searches: parsing, session lookup, source check, rewrite, checksums and `bpf_fib_lookup`, per packet; \
-             not the veth's transmit of the redirected frame, which the kernel's own forwarding pays too): {}. \
-             The baseline's figure is its process time, user and system (its syscalls, copies and the kernel's \
-             send path), without the receive processing that runs in softirq: the whole gap is larger than this ratio.",
-            lines.join("; ")
-        )
-    })
-}
-
-pub fn render(r: &DataplaneReport) -> String {
-    let m = &r.machine;
-    let mut s = String::new();
-    let _ = writeln!(s, "{BEGIN}");
-    let _ = writeln!(s, "<!-- Generated by `ztna-bench dataplane` (and `standard`); edits between these markers are overwritten. -->");
-    let _ = writeln!(s);
-    let _ = writeln!(s, "### Forwarding rate of one worker, lab topology");
-    let _ = writeln!(s);
-    let _ = writeln!(
-        s,
-        "Measured {} at commit {} on {} ({} cores, {:.0} GiB), {}; {:.0} s of rate search, {:.0} s in all.",
-        r.date, r.revision, m.cpu_model, m.cores, m.memory_gib, m.kernel, r.search_s, r.total_s
-    );
-    let _ = writeln!(s);
-    let _ = writeln!(
-        s,
-        "Topology: `deploy/lab/lab.sh` (agent host 192.0.2.2 —veth— relay host 192.0.2.1 | 198.51.100.1 —veth— \
-         connector host 198.51.100.2; IPv6 2001:db8:a::/64 and 2001:db8:c::/64), three network namespaces on this \
-         machine. {} sessions made through the real control protocol (agent sockets in the agent host, the connector's \
-         in the connector host). Generator: `trafgen` in the agent host, one process on CPU 0, one DATA frame per \
-         session round robin, `--num` for the count, {:.1} s per step, paced by a token bucket (tc tbf, 5 ms of \
-         burst) on the agent's veth behind which trafgen's sends block (trafgen's own `--rate` sends each second's \
-         frames in one burst at the start of the second: that measures how large a burst the forwarder's socket \
-         buffer absorbs, not its rate); flat-out steps use trafgen's TX ring without the shaper. The relay or the \
-         baseline runs on CPU {} (`taskset`). {} XDP on a veth runs in the receiving veth's NAPI poll on the \
-         sending CPU, so the XDP rows' forwarding shares CPU 0 with trafgen. Delivered frames are counted and dropped by an nftables rule at the \
-         connector host's ingress (no socket, no userspace receive cost); sent = the agent veth's tx packets. \
-         Generator and forwarder run at `nice {NICE}`. Search: from {:.0} pps doubling until a step loses ≥ 1%, then bisection; the row's rate is what the \
-         generator offered in the fastest step under 1% loss.",
-        r.sessions,
-        r.step_seconds,
-        r.relay_cpu,
-        if r.rps {
-            "Receive steering (`--rps`): the relay host's receive processing runs on that CPU too, the connector \
-             host's on the other one."
-        } else {
-            "A veth hands each frame to the receiving host in softirq on the sending CPU: the relay host's receive \
-             processing (IP, UDP, socket queue) runs on the generator's CPU 0 and is not in the forwarder's CPU \
-             figures; the connector host's runs on the forwarder's CPU (`--rps` moves both, as with a real NIC)."
-        },
-        START_PPS
-    );
-    let _ = writeln!(s);
-    let _ = writeln!(s, "{}", table(r));
-    let _ = writeln!(
-        s,
-        "*× baseline*: the row's rate over the baseline forwarder's for the same IP version and payload (≥ when this \
-         row was generator limited, ≤ when the baseline was, ? when both were). *Process CPU / frame*: utime+stime of the relay (or \
-         baseline) process over the fastest passing step, per frame delivered; XDP forwards outside any process, so \
-         for it only the machine figure means anything. *Machine CPU / frame*: busy time of the whole machine (all \
-         cores, /proc/stat, softirq included — where XDP and the kernel's UDP path run) over that step and 0.2 s of \
-         drain, per frame delivered: generator, kernel and forwarder together. *Less generator and other load*: the \
-         same less trafgen's own cost per frame (measured alone at 200 kpps paced, with the frames dropped at the relay \
-         host's ingress: {}) and less the *other load* (cores busy with other work, sampled for 0.5 s with no traffic \
-         before the row); it is rough (trafgen's cost per frame differs between paced and flat-out sends, so it can \
-         come out near zero or below for the fast paths). With other load well above zero (other builds on the machine) the rates and the machine \
-         figure are disturbed: compare rows of one run, and rerun on a quiet machine. **GENERATOR LIMITED** means \
-         trafgen could not send faster on this machine while the relay lost under 1%: the figure is a lower bound for \
-         the relay, not its maximum.",
-        if r.generator_us_per_frame.is_empty() {
-            "not measured".to_string()
-        } else {
-            r.generator_us_per_frame.iter().map(|(k, v)| format!("{k} B: {v:.2} µs")).collect::<Vec<_>>().join(", ")
-        }
-    );
-    let _ = writeln!(s);
-    if let Some(p) = xdp_cost(r) {
-        let _ = writeln!(s, "{p}");
-        let _ = writeln!(s);
-    }
-    if r.rows.iter().any(|row| row.latency.is_some()) {
-        let _ = writeln!(s, "#### Latency the relay adds, at half of its maximum rate");
-        let _ = writeln!(s);
-        let _ = writeln!(s, "{}", latency_table(r));
-        let _ = writeln!(
-            s,
-            "One-way latency of `ztna-bench flood` frames (send timestamp in the payload, hdrhistogram at the sink; \
-             sender in the agent host, recvmmsg sink in the connector host, 4 sessions, sendmmsg batches of 32) at half \
-             the row's maximum rate; its threads run on the CPU the relay does not. *Direct*: the same frames at the same rate sent straight to the connector's \
-             address, routed by the relay host's kernel (IP forwarding, no relay process), so *added* is what the relay \
-             costs on top of crossing the same veths and host. The userspace sender and sink share the 2 cores with \
-             the relay, so both paths include their scheduling delays."
-        );
-        let _ = writeln!(s);
-    }
-    let _ = writeln!(s, "Relay: `{}`.", r.relay_args);
-    let _ = writeln!(s);
-    let _ = writeln!(s, "Reproduce (from the workspace root, as root; the lab is created and removed by the command):");
-    let _ = writeln!(s);
-    let _ = writeln!(s, "```sh\n{}\n```", r.command.trim_end());
-    let _ = writeln!(s, "{END}");
-    s
-}
-
-/// Rewrites the data-plane section of `path` (appended with its heading if the markers are missing).
-pub fn write_section(path: &Path, r: &DataplaneReport) -> Result<()> {
-    standard::write_markdown(path, &[(BEGIN, END, HEADING, render(r))])
 }

@@ -12,12 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use ztna_client::control::{bind_client_socket, source_ip_for};
-use ztna_client::{ClientError, ClientTls, ControlClient};
+use ztna_client::{ClientError, ClientTls};
 
-use crate::sys::{self, RelayCounters};
-
-pub const SOFTWARE: &str = concat!("ztna-bench/", env!("CARGO_PKG_VERSION"));
+use crate::client::{self, ClientArgs, ClientNetns};
+use crate::relay_counters::{self, RelayCounters};
+use crate::sys;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HandshakeArgs {
@@ -49,74 +48,6 @@ pub struct HandshakeArgs {
     /// Also write the result as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-}
-
-/// Where the clients and the admin scrapes run: network namespaces (`ip netns` names), this
-/// process's own by default.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct ClientNetns {
-    /// Network namespace in which the client sockets are created.
-    #[arg(long = "netns")]
-    pub clients: Option<String>,
-    /// Network namespace from which the relay's admin address is scraped.
-    #[arg(long = "admin-netns")]
-    pub admin: Option<String>,
-}
-
-/// A client socket towards `relay`, created inside network namespace `netns` when given (it
-/// stays there), bound to the source address the kernel would use towards the relay.
-pub fn client_socket(relay: SocketAddr, netns: Option<&str>) -> std::io::Result<tokio::net::UdpSocket> {
-    let rt = tokio::runtime::Handle::current();
-    let make = move || {
-        let _rt = rt.enter();
-        bind_client_socket(SocketAddr::new(source_ip_for(relay)?, 0))
-    };
-    match netns {
-        None => make(),
-        Some(ns) => crate::netns::run_in(ns, || Ok(make()?)).map_err(std::io::Error::other),
-    }
-}
-
-/// [`ControlClient::connect`] with its socket in network namespace `netns` when given.
-pub async fn connect(
-    relay: SocketAddr,
-    netns: Option<&str>,
-    server_name: Option<&str>,
-    tls: &ClientTls,
-    timeout: Duration,
-) -> Result<ControlClient, ClientError> {
-    let sock = client_socket(relay, netns)?;
-    ControlClient::connect_on(sock, relay, server_name, tls, SOFTWARE, timeout).await
-}
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct ClientArgs {
-    /// Identity kind of the client certificate in the PKI directory.
-    #[arg(long, default_value = "agent")]
-    pub kind: String,
-    /// Identity name of the client certificate in the PKI directory.
-    #[arg(long, default_value = "alice")]
-    pub name: String,
-    /// Verify the relay certificate against this name (default: no hostname check, CA only).
-    #[arg(long)]
-    pub server_name: Option<String>,
-}
-
-impl ClientArgs {
-    pub fn tls(&self, pki_dir: &std::path::Path) -> Result<ClientTls> {
-        let tls = ClientTls::from_pki_dir(pki_dir, &self.kind, &self.name);
-        for (what, p) in [("client certificate", &tls.cert), ("client key", &tls.key), ("CA", &tls.ca)] {
-            if !p.exists() {
-                bail!(
-                    "{what} {} does not exist (create the PKI with `ztna-relay pki init --dir {} --agent {}`)",
-                    p.display(),
-                    pki_dir.display(),
-                    self.name
-                );
-            }
-        }
-        Ok(tls)
-    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -201,27 +132,6 @@ pub fn error_kind(e: &ClientError) -> &'static str {
     e.kind()
 }
 
-/// One connect that must work before measuring: turns "relay not there" into a clear error.
-pub async fn preflight(
-    relay: SocketAddr,
-    netns: Option<&str>,
-    server_name: Option<&str>,
-    tls: &ClientTls,
-    timeout: Duration,
-) -> Result<()> {
-    match connect(relay, netns, server_name, tls, timeout).await {
-        Ok(c) => {
-            c.close().await;
-            Ok(())
-        }
-        Err(e @ ClientError::Timeout(..)) => Err(anyhow::anyhow!(
-            "cannot reach the relay at {relay}: {e}; start it first (see `ztna-bench standard`), \
-             and if it enforces a per-IP handshake rate, raise it (--handshake-rate)"
-        )),
-        Err(e) => Err(anyhow::anyhow!("first test connection to the relay at {relay} failed: {e}")),
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn connect_loop(
     relay: SocketAddr,
@@ -244,7 +154,7 @@ async fn connect_loop(
     };
     while Instant::now() < end {
         let t0 = Instant::now();
-        match connect(relay, netns.as_deref(), server_name.as_deref(), &tls, timeout).await {
+        match client::connect(relay, netns.as_deref(), server_name.as_deref(), &tls, timeout).await {
             Ok(client) => {
                 let done = Instant::now();
                 let _ = st.connect.record((done - t0).as_micros().max(1) as u64);
@@ -284,10 +194,10 @@ pub async fn run(args: &HandshakeArgs) -> Result<HandshakeReport> {
     let timeout = Duration::from_secs_f64(args.timeout.clamp(0.1, 60.0));
     let tls = Arc::new(args.client.tls(&args.pki_dir)?);
     let ns = &args.netns;
-    preflight(args.relay, ns.clients.as_deref(), args.client.server_name.as_deref(), &tls, timeout).await?;
+    client::preflight(args.relay, ns.clients.as_deref(), args.client.server_name.as_deref(), &tls, timeout).await?;
 
     let before = match args.admin {
-        Some(a) => Some(sys::scrape_in(ns.admin.as_deref(), a)?),
+        Some(a) => Some(relay_counters::scrape_in(ns.admin.as_deref(), a)?),
         None => None,
     };
     let relay_cpu0 = args.relay_pid.map(|p| sys::cpu_seconds(Some(p))).transpose()?;
@@ -341,7 +251,7 @@ pub async fn run(args: &HandshakeArgs) -> Result<HandshakeReport> {
     let busy = sys::machine_busy_seconds()? - busy0;
     let other_cpu_s = relay_cpu_s.map(|r| (busy - r - bench_cpu_s).max(0.0));
     let relay_counters = match (args.admin, before) {
-        (Some(a), Some(b)) => Some(sys::counters_between(&b, &sys::scrape_in(ns.admin.as_deref(), a)?)),
+        (Some(a), Some(b)) => Some(relay_counters::counters_between(&b, &relay_counters::scrape_in(ns.admin.as_deref(), a)?)),
         _ => None,
     };
     let failures = failure_kinds.values().sum();
@@ -371,7 +281,7 @@ pub async fn run(args: &HandshakeArgs) -> Result<HandshakeReport> {
         other_cpu_s,
         wall_s: wall,
         relay_counters,
-        client_trust_store: crate::client_trust_store().to_string(),
+        client_trust_store: client::TRUST_STORE.to_string(),
     };
     if report.completed_total == 0 {
         bail!(

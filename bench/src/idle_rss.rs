@@ -13,7 +13,8 @@ use anyhow::{Result, bail};
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::handshakes::{self, ClientArgs, ClientNetns};
+use crate::client::{self, ClientArgs, ClientNetns};
+use crate::relay_counters;
 use crate::sys;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -112,9 +113,9 @@ pub async fn run(args: &IdleRssArgs) -> Result<IdleRssReport> {
     let tls = Arc::new(args.client.tls(&args.pki_dir)?);
     let server_name = args.client.server_name.clone();
     let netns = args.netns.clients.clone();
-    handshakes::preflight(args.relay, netns.as_deref(), server_name.as_deref(), &tls, timeout).await?;
+    client::preflight(args.relay, netns.as_deref(), server_name.as_deref(), &tls, timeout).await?;
     for _ in 0..args.warmup {
-        if let Ok(c) = handshakes::connect(args.relay, netns.as_deref(), server_name.as_deref(), &tls, timeout).await {
+        if let Ok(c) = client::connect(args.relay, netns.as_deref(), server_name.as_deref(), &tls, timeout).await {
             c.close().await;
         }
     }
@@ -138,7 +139,7 @@ pub async fn run(args: &IdleRssArgs) -> Result<IdleRssReport> {
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
-                handshakes::connect(relay, netns.as_deref(), server_name.as_deref(), &tls, timeout).await
+                client::connect(relay, netns.as_deref(), server_name.as_deref(), &tls, timeout).await
             };
             let mut client = match client {
                 Ok(c) => {
@@ -187,7 +188,7 @@ pub async fn run(args: &IdleRssArgs) -> Result<IdleRssReport> {
         let (rss_after, settle_s) = settle(pid, Duration::from_secs(10)).await?;
         let relay_idle_cpu_cores = (sys::cpu_seconds(Some(pid))? - cpu0) / t0.elapsed().as_secs_f64();
         let relay_reported_connections = match args.admin {
-            Some(a) => Some(sys::scrape_in(args.netns.admin.as_deref(), a)?.sum("ztna_relay_control_connections", None).round() as u64),
+            Some(a) => Some(relay_counters::scrape_in(args.netns.admin.as_deref(), a)?.sum("ztna_relay_control_connections", &[]).round() as u64),
             None => None,
         };
         let delta = rss_after as i64 - rss_before as i64;

@@ -4,19 +4,26 @@
 //! network namespaces of the lab it creates (`tunnel`, `dataplane`, `standard`), and every run
 //! is bounded in time and stops by itself.
 
+// Measuring: one module per command, and what they share.
 mod baseline;
+mod client;
+mod control_plane;
 mod dataplane;
 mod flood;
 mod handshakes;
 mod idle_rss;
-mod lab;
-mod netns;
-mod procs;
 mod sessions;
 mod setup;
-mod standard;
-mod sys;
 mod tunnel;
+// Running: the relay under test, its counters, the lab run, Ctrl-C, the system's figures.
+mod interrupt;
+mod lab_run;
+mod relay_counters;
+mod relay_under_test;
+mod sys;
+// Reporting, and the standard set that runs everything and writes docs/BENCHMARKS.md.
+mod report;
+mod standard;
 
 use std::path::Path;
 
@@ -32,12 +39,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
-}
-
-/// How the load generator's clients build their trust store (for reports). The client library
-/// builds every quiche config on an empty trust store and loads only the deployment CA.
-pub fn client_trust_store() -> &'static str {
-    "private CA only (the client library starts every quiche config from an empty trust store)"
 }
 
 #[derive(Subcommand)]
@@ -95,9 +96,9 @@ async fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::Tunnel(a) => {
             let r = tunnel::run(&a, None).await?;
-            tunnel::print(&r);
+            report::tunnel::print(&r);
             if let Some(out) = &a.out {
-                tunnel::write_section(out, &r)?;
+                report::tunnel::write_section(out, &r)?;
                 println!("-- wrote the tunnel section of {}", out.display());
             }
             write_json(a.json.as_deref(), &r)
@@ -114,9 +115,9 @@ async fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::Dataplane(a) => {
             let r = dataplane::run(&a).await?;
-            dataplane::print(&r);
+            report::dataplane::print(&r);
             if let Some(out) = &a.out {
-                dataplane::write_section(out, &r)?;
+                report::dataplane::write_section(out, &r)?;
                 println!("-- wrote the data-plane section of {}", out.display());
             }
             write_json(a.json.as_deref(), &r)
@@ -139,6 +140,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Children are spawned from this thread (the runtime's `block_on`), which lives as long as
+    // the run: let them die with it even if no destructor gets to run.
+    ztna_testbed::process::die_with_spawning_thread();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -4,14 +4,15 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ztna_client::{ClientError, ClientTls, ControlClient};
 use ztna_proto::{Message, SessionId};
+use ztna_testbed::Pki;
 
-use crate::handshakes::{self, SOFTWARE};
+use crate::client::{self, SOFTWARE};
 
 /// Who creates the sessions (identities from the PKI directory) and to which service.
 #[derive(clap::Args, Debug, Clone)]
@@ -71,24 +72,6 @@ pub struct Established {
     pub setup_s: f64,
 }
 
-fn tls(pki_dir: &Path, kind: &str, name: &str) -> Result<ClientTls> {
-    let tls = ClientTls::from_pki_dir(pki_dir, kind, name);
-    for (what, p) in [
-        ("certificate", &tls.cert),
-        ("key", &tls.key),
-        ("CA", &tls.ca),
-    ] {
-        if !p.exists() {
-            bail!(
-                "{kind} {name}: {what} {} does not exist (create the PKI with `ztna-relay pki init --dir {}`)",
-                p.display(),
-                pki_dir.display()
-            );
-        }
-    }
-    Ok(tls)
-}
-
 fn explain(relay: SocketAddr, timeout: f64, who: &str, e: ClientError) -> anyhow::Error {
     match e {
         ClientError::Timeout(..) => anyhow::anyhow!(
@@ -102,7 +85,7 @@ fn explain(relay: SocketAddr, timeout: f64, who: &str, e: ClientError) -> anyhow
 }
 
 async fn connect(a: &SessionSetupArgs, relay: SocketAddr, netns: Option<&str>, tls: &ClientTls, who: &str) -> Result<ControlClient> {
-    let sock = handshakes::client_socket(relay, netns).with_context(|| format!("a client socket towards the relay {relay}"))?;
+    let sock = client::client_socket(relay, netns).with_context(|| format!("a client socket towards the relay {relay}"))?;
     ControlClient::connect_on(sock, relay, a.server_name.as_deref(), tls, SOFTWARE, Duration::from_secs_f64(a.timeout))
         .await
         .map_err(|e| explain(relay, a.timeout, who, e))
@@ -131,8 +114,9 @@ pub async fn establish(a: &SessionSetupArgs, n: usize) -> Result<Established> {
     }
     let started = Instant::now();
     let timeout = Duration::from_secs_f64(a.timeout);
-    let ctls = tls(&a.pki_dir, "connector", &a.connector)?;
-    let atls = tls(&a.pki_dir, "agent", &a.agent)?;
+    let pki = Pki::open(&a.pki_dir);
+    let ctls = pki.tls("connector", &a.connector)?;
+    let atls = pki.tls("agent", &a.agent)?;
     let who_c = format!("connector {}", a.connector);
     let crelay = a.connector_relay.unwrap_or(a.relay);
     let mut connector = connect(a, crelay, a.connector_netns.as_deref(), &ctls, &who_c).await?;

@@ -1,10 +1,7 @@
-//! What the harness reads from the system: a process's RSS and CPU time from /proc, the
-//! machine's description, the date, and the relay's Prometheus metrics over plain HTTP.
+//! What the harness reads from the system: a process's RSS and CPU time and its sockets'
+//! drops from /proc, the machine's description, the git revision and the date.
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -63,27 +60,6 @@ pub fn machine_busy_seconds() -> Result<f64> {
     let total: u64 = v.iter().take(8).sum();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     Ok(total.saturating_sub(idle) as f64 / clock_ticks_per_sec())
-}
-
-static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-extern "C" fn on_stop_signal(_: libc::c_int) {
-    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// From now on SIGINT and SIGTERM only set [`stop_requested`]: long runs poll it and unwind,
-/// so their guards (child processes, network namespaces) clean up.
-pub fn catch_stop_signals() {
-    // SAFETY: the handler only stores to an atomic (async-signal-safe).
-    unsafe {
-        libc::signal(libc::SIGINT, on_stop_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_stop_signal as *const () as libc::sighandler_t);
-    }
-}
-
-/// True once SIGINT or SIGTERM arrived after [`catch_stop_signals`].
-pub fn stop_requested() -> bool {
-    STOP.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Raises this process's open-file limit to its hard limit (each client connection owns a socket).
@@ -273,144 +249,9 @@ pub fn utc_now() -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, rem % 3600 / 60)
 }
 
-/// One scrape of the relay's `/metrics` (Prometheus text format): series → value.
-#[derive(Debug, Clone, Default)]
-pub struct Scrape {
-    series: BTreeMap<String, f64>,
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let timeout = Duration::from_secs(2);
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut body = Vec::new();
-    s.read_to_end(&mut body)?;
-    let text = String::from_utf8_lossy(&body).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP response")?;
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("malformed HTTP status line")?;
-    Ok((status, body.to_string()))
-}
-
-/// True when the admin endpoint answers `/healthz` with 200.
-pub fn healthy(admin: SocketAddr) -> bool {
-    matches!(http_get(admin, "/healthz"), Ok((200, _)))
-}
-
-/// [`healthy`] from inside network namespace `ns` when given.
-pub fn healthy_in(ns: Option<&str>, admin: SocketAddr) -> Result<bool> {
-    crate::netns::maybe_in(ns, || Ok(healthy(admin)))
-}
-
-/// [`scrape`] from inside network namespace `ns` when given.
-pub fn scrape_in(ns: Option<&str>, admin: SocketAddr) -> Result<Scrape> {
-    crate::netns::maybe_in(ns, || scrape(admin))
-}
-
-pub fn scrape(admin: SocketAddr) -> Result<Scrape> {
-    let (status, body) = http_get(admin, "/metrics").with_context(|| format!("scraping http://{admin}/metrics"))?;
-    if status != 200 {
-        bail!("http://{admin}/metrics answered {status}");
-    }
-    let mut series = BTreeMap::new();
-    for line in body.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        if let Some((name, value)) = line.rsplit_once(' ')
-            && let Ok(v) = value.parse::<f64>()
-        {
-            series.insert(name.to_string(), v);
-        }
-    }
-    Ok(Scrape { series })
-}
-
-/// The value of `key="..."` in a series' label set.
-fn label<'a>(series: &'a str, key: &str) -> Option<&'a str> {
-    let labels = series.split_once('{')?.1;
-    let start = labels.find(&format!("{key}=\""))? + key.len() + 2;
-    let end = labels[start..].find('"')? + start;
-    Some(&labels[start..end])
-}
-
-impl Scrape {
-    /// Sum of every series of metric `name`, optionally only those with label `key="value"`.
-    pub fn sum(&self, name: &str, filter: Option<(&str, &str)>) -> f64 {
-        self.series
-            .iter()
-            .filter(|(s, _)| s.split('{').next() == Some(name))
-            .filter(|(s, _)| filter.is_none_or(|(k, v)| label(s, k) == Some(v)))
-            .map(|(_, v)| v)
-            .sum()
-    }
-
-    /// Metric `name` summed per value of label `key`.
-    pub fn by_label(&self, name: &str, key: &str) -> BTreeMap<String, f64> {
-        let mut out = BTreeMap::new();
-        for (s, v) in &self.series {
-            if s.split('{').next() == Some(name)
-                && let Some(l) = label(s, key)
-            {
-                *out.entry(l.to_string()).or_insert(0.0) += v;
-            }
-        }
-        out
-    }
-}
-
-/// What the relay's own counters say happened between two scrapes.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct RelayCounters {
-    pub handshakes_ok: u64,
-    pub handshakes_failed: u64,
-    pub retries_sent: u64,
-    /// Datagrams dropped, by reason (only reasons that moved).
-    pub dropped: BTreeMap<String, u64>,
-    /// Open control connections at the second scrape.
-    pub control_connections: u64,
-}
-
-pub fn counters_between(before: &Scrape, after: &Scrape) -> RelayCounters {
-    let d = |name: &str, f: Option<(&str, &str)>| (after.sum(name, f) - before.sum(name, f)).max(0.0).round() as u64;
-    let b = before.by_label("ztna_relay_dropped_total", "reason");
-    let dropped = after
-        .by_label("ztna_relay_dropped_total", "reason")
-        .into_iter()
-        .map(|(k, v)| {
-            let delta = (v - b.get(&k).copied().unwrap_or(0.0)).max(0.0).round() as u64;
-            (k, delta)
-        })
-        .filter(|(_, v)| *v > 0)
-        .collect();
-    RelayCounters {
-        handshakes_ok: d("ztna_relay_handshakes_total", Some(("reason", "ok"))),
-        handshakes_failed: d("ztna_relay_handshakes_total", Some(("reason", "failed"))),
-        retries_sent: d("ztna_relay_retries_sent_total", None),
-        dropped,
-        control_connections: after.sum("ztna_relay_control_connections", None).round() as u64,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_labels_and_sums() {
-        let mut s = Scrape::default();
-        s.series.insert("ztna_relay_handshakes_total{reason=\"ok\"}".into(), 5.0);
-        s.series.insert("ztna_relay_handshakes_total{reason=\"failed\"}".into(), 1.0);
-        s.series.insert("ztna_relay_dropped_total{worker=\"0\",reason=\"rate_limited\"}".into(), 2.0);
-        s.series.insert("ztna_relay_dropped_total{worker=\"1\",reason=\"rate_limited\"}".into(), 3.0);
-        assert_eq!(s.sum("ztna_relay_handshakes_total", Some(("reason", "ok"))), 5.0);
-        assert_eq!(s.sum("ztna_relay_handshakes_total", None), 6.0);
-        assert_eq!(s.by_label("ztna_relay_dropped_total", "reason")["rate_limited"], 5.0);
-        let c = counters_between(&Scrape::default(), &s);
-        assert_eq!(c.handshakes_ok, 5);
-        assert_eq!(c.dropped["rate_limited"], 5);
-    }
 
     #[test]
     fn reads_own_process() {

@@ -60,9 +60,8 @@ impl Process {
 
     /// On drop, SIGTERM first and SIGKILL only if it has not exited within `grace` (so a
     /// relay can detach what it attached in an orderly way).
-    pub fn with_drop_grace(mut self, grace: Duration) -> Process {
+    pub fn set_drop_grace(&mut self, grace: Duration) {
         self.drop_grace = grace;
-        self
     }
 
     pub fn what(&self) -> &str {
