@@ -11,7 +11,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
-use ztna_client::engine::{Event, UDP_FLOW_IDLE};
+use ztna_client::engine::agent::AgentEvent;
+use ztna_client::tunnel::UDP_FLOW_IDLE;
 
 /// Flow ids are unique across every UDP forward of this agent, so replies find their owner.
 static NEXT_FLOW: AtomicU32 = AtomicU32::new(1);
@@ -37,7 +38,7 @@ pub fn parse(spec: &str) -> Result<Forward> {
     Ok(Forward { bind, service: service.to_owned() })
 }
 
-pub async fn serve_tcp(fwd: Forward, events: mpsc::UnboundedSender<Event>) -> Result<()> {
+pub async fn serve_tcp(fwd: Forward, events: mpsc::UnboundedSender<AgentEvent>) -> Result<()> {
     let listener = TcpListener::bind(fwd.bind).await.with_context(|| format!("listening on {}", fwd.bind))?;
     tracing::info!(bind = %fwd.bind, service = %fwd.service, "TCP forward ready");
     tokio::spawn(async move {
@@ -45,7 +46,7 @@ pub async fn serve_tcp(fwd: Forward, events: mpsc::UnboundedSender<Event>) -> Re
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     tracing::debug!(%peer, service = %fwd.service, "local connection");
-                    if events.send(Event::NewTcp { service: fwd.service.clone(), stream }).is_err() {
+                    if events.send(AgentEvent::NewTcp { service: fwd.service.clone(), stream }).is_err() {
                         return;
                     }
                 }
@@ -56,11 +57,11 @@ pub async fn serve_tcp(fwd: Forward, events: mpsc::UnboundedSender<Event>) -> Re
     Ok(())
 }
 
-pub async fn serve_udp(fwd: Forward, events: mpsc::UnboundedSender<Event>) -> Result<()> {
+pub async fn serve_udp(fwd: Forward, events: mpsc::UnboundedSender<AgentEvent>) -> Result<()> {
     let socket = UdpSocket::bind(fwd.bind).await.with_context(|| format!("binding UDP {}", fwd.bind))?;
     tracing::info!(bind = %fwd.bind, service = %fwd.service, "UDP forward ready");
     let (tx, mut replies) = mpsc::channel::<(u32, Vec<u8>)>(1024);
-    events.send(Event::UdpReturn { service: fwd.service.clone(), tx }).ok().context("engine stopped")?;
+    events.send(AgentEvent::UdpReturn { service: fwd.service.clone(), tx }).ok().context("engine stopped")?;
     tokio::spawn(async move {
         let mut flows: HashMap<SocketAddr, (u32, Instant)> = HashMap::new();
         let mut peers: HashMap<u32, SocketAddr> = HashMap::new();
@@ -84,7 +85,7 @@ pub async fn serve_udp(fwd: Forward, events: mpsc::UnboundedSender<Event>) -> Re
                     entry.1 = Instant::now();
                     let flow = entry.0;
                     peers.insert(flow, from);
-                    let ev = Event::UdpIn { service: fwd.service.clone(), flow, data: buf[..n].to_vec() };
+                    let ev = AgentEvent::UdpIn { service: fwd.service.clone(), flow, data: buf[..n].to_vec() };
                     if events.send(ev).is_err() {
                         return;
                     }

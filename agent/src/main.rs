@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod forward;
 use ztna_client::ControlClient;
+use ztna_client::engine::{Agent, Engine, EngineConfig};
 use ztna_client::target::RelayArgs;
 use ztna_proto::Message;
 
@@ -107,15 +108,14 @@ async fn run(
         Some(a) => Some(ztna_metrics_http::Endpoint::start(a, metrics.clone())?),
         None => None,
     };
-    let cfg = ztna_client::engine::EngineConfig {
+    let cfg = EngineConfig {
         relay: addr,
         server_name,
         tls: relay.tls("agent", "alice"),
         software: concat!("ztna-agent/", env!("CARGO_PKG_VERSION")).into(),
         connect_timeout: relay.timeout(),
-        role: ztna_client::engine::Role::Agent { services },
     };
-    let engine = ztna_client::engine::Engine::new(cfg, metrics)?;
+    let engine = Engine::new(cfg, metrics, |_| Agent::new(services))?;
     for f in tcp {
         forward::serve_tcp(f, engine.handle()).await?;
     }

@@ -30,6 +30,18 @@ pub enum FlowEvent {
     WriteFailed(FlowKey),
 }
 
+impl FlowEvent {
+    pub fn key(&self) -> FlowKey {
+        match self {
+            FlowEvent::Data(key, _)
+            | FlowEvent::Eof(key)
+            | FlowEvent::ReadFailed(key)
+            | FlowEvent::Drained(key)
+            | FlowEvent::WriteFailed(key) => *key,
+        }
+    }
+}
+
 /// From the engine to a flow's writer task: bytes, then `fin` once the peer finished
 /// sending (half-close our side).
 #[derive(Debug)]
@@ -55,7 +67,7 @@ impl FlowTasks {
 }
 
 /// Starts the reader and writer tasks of one TCP connection.
-pub fn spawn(key: FlowKey, stream: tokio::net::TcpStream, events: mpsc::UnboundedSender<crate::engine::Event>) -> FlowTasks {
+pub fn spawn(key: FlowKey, stream: tokio::net::TcpStream, events: mpsc::UnboundedSender<FlowEvent>) -> FlowTasks {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     let credit = Arc::new(Semaphore::new(READ_CREDIT));
@@ -70,7 +82,7 @@ async fn read_loop(
     key: FlowKey,
     mut rd: OwnedReadHalf,
     credit: Arc<Semaphore>,
-    events: mpsc::UnboundedSender<crate::engine::Event>,
+    events: mpsc::UnboundedSender<FlowEvent>,
 ) {
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -87,7 +99,7 @@ async fn read_loop(
             Err(_) => FlowEvent::ReadFailed(key),
         };
         let last = !matches!(event, FlowEvent::Data(..));
-        if events.send(crate::engine::Event::Flow(event)).is_err() || last {
+        if events.send(event).is_err() || last {
             return;
         }
     }
@@ -98,7 +110,7 @@ async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<WriterMsg>,
     reset: Arc<Notify>,
-    events: mpsc::UnboundedSender<crate::engine::Event>,
+    events: mpsc::UnboundedSender<FlowEvent>,
 ) {
     loop {
         let msg = tokio::select! {
@@ -119,13 +131,13 @@ async fn write_loop(
             },
         };
         if !msg.data.is_empty() && wr.write_all(&msg.data).await.is_err() {
-            let _ = events.send(crate::engine::Event::Flow(FlowEvent::WriteFailed(key)));
+            let _ = events.send(FlowEvent::WriteFailed(key));
             return;
         }
         if msg.fin {
             let _ = wr.shutdown().await;
         }
-        let _ = events.send(crate::engine::Event::Flow(FlowEvent::Drained(key)));
+        let _ = events.send(FlowEvent::Drained(key));
     }
 }
 

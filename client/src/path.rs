@@ -1,19 +1,62 @@
 //! The path layer: the end-to-end QUIC connection addresses a stable virtual peer, and this
-//! layer decides how each of its packets travels. Today that is always via the relay, in a
-//! DATA frame of the session; a direct path after hole punching slots in here without the
-//! tunnel noticing.
+//! layer decides how each of its packets really travels (PROTOCOL.md §13.7). Today that is
+//! always via the relay, in a DATA frame of the session. The direct path after hole punching
+//! belongs here too: its own label per real path (so quiche keeps RTT, congestion window and
+//! MTU per path and validates a path before using it), and the relay as the warm fallback.
+//!
+//! **Virtual addresses.** quiche wants an address pair for every packet. The tunnel gives it
+//! labels from `100::/64`, the IPv6 discard-only prefix (RFC 6666): no host has such an
+//! address and no router forwards one, so a label can never be mistaken for a host of the
+//! deployment (the lab's hosts use the documentation ranges) nor leak as a destination. The
+//! relay path is `[100::1]:1` on the agent's side and `[100::2]:2` on the connector's; later
+//! per-path labels take the form `100::<path>`. No packet is ever sent to a label.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use ztna_proto::SessionId;
-use ztna_proto::frame::{DATA_HEADER_LEN, write_data_header};
+use ztna_proto::frame::{self, DATA_HEADER_LEN, Frame, write_data_header};
 
-/// Labels for the two ends of every tunnel as quiche sees them. They are never used as
-/// network addresses: no packet is sent to them.
-pub const VIRTUAL_AGENT: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 1)), 1);
-pub const VIRTUAL_CONNECTOR: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 2)), 2);
+/// The agent's end of the relay path, as quiche sees it.
+pub const VIRTUAL_AGENT: SocketAddr = label(1, 1);
+/// The connector's end of the relay path, as quiche sees it.
+pub const VIRTUAL_CONNECTOR: SocketAddr = label(2, 2);
+
+/// `[100::<path>]:port`.
+const fn label(path: u16, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, path)), port)
+}
+
+/// True for an address of the label range `100::/64`.
+pub fn is_label(addr: SocketAddr) -> bool {
+    match addr.ip() {
+        IpAddr::V6(ip) => ip.segments()[..4] == [0x100, 0, 0, 0],
+        IpAddr::V4(_) => false,
+    }
+}
+
+/// Which end of the tunnel this is: the agent is the QUIC client, the connector the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Agent,
+    Connector,
+}
+
+impl Side {
+    pub fn peer(self) -> Side {
+        match self {
+            Side::Agent => Side::Connector,
+            Side::Connector => Side::Agent,
+        }
+    }
+
+    /// This side's label on the relay path.
+    pub fn label(self) -> SocketAddr {
+        match self {
+            Side::Agent => VIRTUAL_AGENT,
+            Side::Connector => VIRTUAL_CONNECTOR,
+        }
+    }
+}
 
 /// How a packet leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +65,7 @@ pub enum Path {
 }
 
 impl Path {
+    /// The value of the `path` metric label.
     pub fn name(&self) -> &'static str {
         match self {
             Path::Relay(_) => "relay",
@@ -29,32 +73,164 @@ impl Path {
     }
 }
 
+/// The paths of one tunnel (one relay session).
 #[derive(Debug, Clone)]
 pub struct PathLayer {
     session: SessionId,
+    side: Side,
     current: Path,
 }
 
 impl PathLayer {
+    /// Room to leave in front of a tunnel packet for the frame header.
+    pub const HEADROOM: usize = DATA_HEADER_LEN;
+
+    /// The agent's side of a tunnel carried by the relay; the tunnel says which side it is
+    /// ([`for_side`](Self::for_side)).
     pub fn via_relay(session: SessionId, relay: SocketAddr) -> Self {
-        PathLayer { session, current: Path::Relay(relay) }
+        PathLayer { session, side: Side::Agent, current: Path::Relay(relay) }
+    }
+
+    pub fn for_side(self, side: Side) -> Self {
+        PathLayer { side, ..self }
+    }
+
+    pub fn session(&self) -> SessionId {
+        self.session
     }
 
     pub fn current(&self) -> Path {
         self.current
     }
 
-    /// Room to leave in front of a tunnel packet for the frame header.
-    pub const HEADROOM: usize = DATA_HEADER_LEN;
+    /// This end's and the peer's labels, for quiche.
+    pub fn local_label(&self) -> SocketAddr {
+        self.side.label()
+    }
+
+    pub fn peer_label(&self) -> SocketAddr {
+        self.side.peer().label()
+    }
+
+    /// The addresses quiche is told for a packet that came on the relay path.
+    pub fn recv_info(&self) -> quiche::RecvInfo {
+        quiche::RecvInfo { from: self.peer_label(), to: self.local_label() }
+    }
+
+    /// The tunnel packet inside `datagram`, if it is a DATA frame of this session that came
+    /// from the relay; anything else is not this tunnel's to read.
+    pub fn unwrap<'a>(&self, datagram: &'a mut [u8], from: SocketAddr) -> Option<(&'a mut [u8], quiche::RecvInfo)> {
+        let Ok(Frame::Data { session, .. }) = Frame::parse(datagram) else { return None };
+        let Path::Relay(relay) = self.current;
+        if session != self.session || from != relay {
+            return None;
+        }
+        Some((&mut datagram[frame::DATA_HEADER_LEN..], self.recv_info()))
+    }
 
     /// Frames the tunnel packet that sits at `buf[HEADROOM..HEADROOM + len]` in place and
-    /// says where the datagram goes.
-    pub fn wrap(&self, buf: &mut [u8], len: usize) -> (usize, SocketAddr) {
-        let header: &mut [u8; DATA_HEADER_LEN] =
-            (&mut buf[..DATA_HEADER_LEN]).try_into().unwrap_or_else(|_| unreachable!());
-        write_data_header(&self.session, header);
-        match self.current {
-            Path::Relay(relay) => (DATA_HEADER_LEN + len, relay),
+    /// says where the datagram goes. `to` is the label quiche addressed; a label this layer
+    /// did not hand out has no path (`None`).
+    pub fn wrap(&self, buf: &mut [u8], len: usize, to: SocketAddr) -> Option<(usize, SocketAddr)> {
+        if to != self.peer_label() {
+            return None;
         }
+        write_data_header(&self.session, buf.first_chunk_mut::<DATA_HEADER_LEN>()?);
+        match self.current {
+            Path::Relay(relay) => Some((DATA_HEADER_LEN + len, relay)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SESSION: SessionId = SessionId([0x01, 2, 3, 4, 5, 6, 7, 8]);
+
+    fn relay() -> SocketAddr {
+        "192.0.2.1:4433".parse().unwrap()
+    }
+
+    fn frame_of(session: &SessionId, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame::encode_data(session, payload, &mut out);
+        out
+    }
+
+    #[test]
+    fn labels_are_discard_only_addresses_and_no_host() {
+        assert_eq!(VIRTUAL_AGENT, "[100::1]:1".parse().unwrap());
+        assert_eq!(VIRTUAL_CONNECTOR, "[100::2]:2".parse().unwrap());
+        assert!(is_label(VIRTUAL_AGENT) && is_label(VIRTUAL_CONNECTOR));
+        // The lab's hosts (documentation ranges) are not labels.
+        for host in ["198.51.100.1:1", "198.51.100.2:2", "192.0.2.1:4433", "[2001:db8:c::1]:4433", "[100:0:0:1::1]:1"] {
+            assert!(!is_label(host.parse().unwrap()), "{host}");
+        }
+        assert_eq!(Side::Agent.peer().label(), VIRTUAL_CONNECTOR);
+        assert_eq!(Side::Connector.peer().label(), VIRTUAL_AGENT);
+    }
+
+    #[test]
+    fn each_side_sees_itself_local_and_the_other_as_peer() {
+        let agent = PathLayer::via_relay(SESSION, relay());
+        assert_eq!((agent.local_label(), agent.peer_label()), (VIRTUAL_AGENT, VIRTUAL_CONNECTOR));
+        let connector = agent.clone().for_side(Side::Connector);
+        assert_eq!((connector.local_label(), connector.peer_label()), (VIRTUAL_CONNECTOR, VIRTUAL_AGENT));
+        let info = connector.recv_info();
+        assert_eq!((info.from, info.to), (VIRTUAL_AGENT, VIRTUAL_CONNECTOR));
+        assert_eq!(connector.current(), Path::Relay(relay()));
+        assert_eq!(connector.current().name(), "relay");
+    }
+
+    #[test]
+    fn wrap_frames_in_place_towards_the_relay() {
+        let path = PathLayer::via_relay(SESSION, relay());
+        let mut buf = [0u8; 64];
+        buf[PathLayer::HEADROOM..PathLayer::HEADROOM + 5].copy_from_slice(b"quic!");
+        let (n, to) = path.wrap(&mut buf, 5, VIRTUAL_CONNECTOR).unwrap();
+        assert_eq!(to, relay());
+        assert_eq!(&buf[..n], &frame_of(&SESSION, b"quic!")[..]);
+        assert_eq!(Frame::parse(&buf[..n]), Ok(Frame::Data { session: SESSION, payload: b"quic!" }));
+    }
+
+    #[test]
+    fn wrap_maps_only_the_peer_label() {
+        let path = PathLayer::via_relay(SESSION, relay());
+        let mut buf = [0u8; 64];
+        assert_eq!(path.wrap(&mut buf, 5, VIRTUAL_AGENT), None, "our own label is not a destination");
+        assert_eq!(path.wrap(&mut buf, 5, relay()), None, "a real address is not a label");
+        assert_eq!(path.wrap(&mut [0u8; 4], 0, VIRTUAL_CONNECTOR), None, "no room for the header");
+        let connector = path.for_side(Side::Connector);
+        assert_eq!(connector.wrap(&mut buf, 5, VIRTUAL_AGENT).map(|(_, to)| to), Some(relay()));
+    }
+
+    #[test]
+    fn unwrap_takes_this_sessions_frames_from_the_relay() {
+        let path = PathLayer::via_relay(SESSION, relay()).for_side(Side::Connector);
+        let mut dgram = frame_of(&SESSION, b"packet");
+        let (payload, info) = path.unwrap(&mut dgram, relay()).unwrap();
+        assert_eq!(payload, b"packet");
+        assert_eq!((info.from, info.to), (VIRTUAL_AGENT, VIRTUAL_CONNECTOR));
+        // Round trip: what one side wraps, the other unwraps.
+        let agent = PathLayer::via_relay(SESSION, relay());
+        let mut buf = [0u8; 32];
+        buf[PathLayer::HEADROOM..PathLayer::HEADROOM + 3].copy_from_slice(b"abc");
+        let (n, to) = agent.wrap(&mut buf, 3, agent.peer_label()).unwrap();
+        assert_eq!(path.unwrap(&mut buf[..n], to).map(|(p, _)| p.to_vec()), Some(b"abc".to_vec()));
+    }
+
+    #[test]
+    fn unwrap_rejects_other_sessions_sources_and_kinds() {
+        let path = PathLayer::via_relay(SESSION, relay());
+        let other = SessionId([0x01, 2, 3, 4, 5, 6, 7, 9]);
+        assert!(path.unwrap(&mut frame_of(&other, b"x"), relay()).is_none(), "another session");
+        assert!(path.unwrap(&mut frame_of(&SESSION, b"x"), "192.0.2.9:4433".parse().unwrap()).is_none(), "not the relay");
+        assert!(path.unwrap(&mut [0x40, 1, 2, 3], relay()).is_none(), "a QUIC packet");
+        assert!(path.unwrap(&mut [frame::TYPE_DATA, 1, 2], relay()).is_none(), "a short DATA frame");
+        let mut probe = Vec::new();
+        frame::encode_qad_probe(7, &mut probe);
+        assert!(path.unwrap(&mut probe, relay()).is_none(), "a QAD probe");
+        assert!(path.unwrap(&mut frame_of(&SESSION, b""), relay()).is_some_and(|(p, _)| p.is_empty()));
     }
 }

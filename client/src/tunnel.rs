@@ -9,7 +9,7 @@ use ztna_proto::SessionId;
 use ztna_proto::identity::Identity;
 
 use crate::keepalive::KeepAlive;
-use crate::path::{PathLayer, VIRTUAL_AGENT, VIRTUAL_CONNECTOR};
+use crate::path::{PathLayer, Side};
 
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Keep-alive inside the idle timeout, so an idle tunnel (and its NAT mappings) stays up.
@@ -22,6 +22,9 @@ pub const STREAM_WINDOW: u64 = 1024 * 1024;
 pub const CONNECTION_WINDOW: u64 = 16 * 1024 * 1024;
 /// Concurrent TCP flows per tunnel (quiche raises the limit as streams finish).
 pub const MAX_STREAMS: u64 = 1024;
+/// UDP flows with no traffic for this long are forgotten (the connector closes its backend
+/// socket, the agent's forward forgets the client address).
+pub const UDP_FLOW_IDLE: Duration = Duration::from_secs(60);
 
 /// QUIC stream error codes of the tunnel (RESET_STREAM / STOP_SENDING).
 pub mod stream_error {
@@ -42,7 +45,7 @@ pub struct Tunnel {
     pub path: PathLayer,
     /// The peer's certificate has been checked against `peer_identity`.
     pub verified: bool,
-    is_agent: bool,
+    side: Side,
     /// The agent keeps idle tunnels alive; the connector only answers.
     keepalive: Option<KeepAlive>,
     next_stream: u64,
@@ -57,10 +60,16 @@ impl Tunnel {
         path: PathLayer,
         config: &mut quiche::Config,
     ) -> Result<Tunnel> {
+        let path = path.for_side(Side::Agent);
         let scid: [u8; 16] = rand::random();
-        let conn =
-            quiche::connect(None, &quiche::ConnectionId::from_ref(&scid), VIRTUAL_AGENT, VIRTUAL_CONNECTOR, config)?;
-        Ok(Tunnel::new(session, service, peer_identity, path, conn, true))
+        let conn = quiche::connect(
+            None,
+            &quiche::ConnectionId::from_ref(&scid),
+            path.local_label(),
+            path.peer_label(),
+            config,
+        )?;
+        Ok(Tunnel::new(session, service, peer_identity, path, conn, Side::Agent))
     }
 
     /// Connector side: accept the agent's first packet.
@@ -71,10 +80,11 @@ impl Tunnel {
         path: PathLayer,
         config: &mut quiche::Config,
     ) -> Result<Tunnel> {
+        let path = path.for_side(Side::Connector);
         let scid: [u8; 16] = rand::random();
         let conn =
-            quiche::accept(&quiche::ConnectionId::from_ref(&scid), None, VIRTUAL_CONNECTOR, VIRTUAL_AGENT, config)?;
-        Ok(Tunnel::new(session, service, peer_identity, path, conn, false))
+            quiche::accept(&quiche::ConnectionId::from_ref(&scid), None, path.local_label(), path.peer_label(), config)?;
+        Ok(Tunnel::new(session, service, peer_identity, path, conn, Side::Connector))
     }
 
     fn new(
@@ -83,7 +93,7 @@ impl Tunnel {
         peer_identity: String,
         path: PathLayer,
         conn: quiche::Connection,
-        is_agent: bool,
+        side: Side,
     ) -> Tunnel {
         Tunnel {
             session,
@@ -92,31 +102,39 @@ impl Tunnel {
             conn,
             path,
             verified: false,
-            is_agent,
-            keepalive: is_agent.then(|| KeepAlive::new(KEEPALIVE)),
+            side,
+            keepalive: (side == Side::Agent).then(|| KeepAlive::new(KEEPALIVE)),
             // Client-initiated bidirectional streams: 0, 4, 8, ...
             next_stream: 0,
         }
     }
 
-    /// A tunnel packet (a DATA frame's payload) from the peer.
+    /// A tunnel packet (a DATA frame's payload) from the peer, on the relay path.
     pub fn recv(&mut self, packet: &mut [u8]) {
-        let (from, to) = if self.is_agent { (VIRTUAL_CONNECTOR, VIRTUAL_AGENT) } else { (VIRTUAL_AGENT, VIRTUAL_CONNECTOR) };
         // A packet quiche rejects is dropped; loss recovery covers it.
-        let _ = self.conn.recv(packet, quiche::RecvInfo { from, to });
+        let _ = self.conn.recv(packet, self.path.recv_info());
+    }
+
+    /// A datagram for this tunnel's session: the path layer takes what is really ours.
+    pub fn recv_frame(&mut self, datagram: &mut [u8], from: std::net::SocketAddr) {
+        if let Some((packet, info)) = self.path.unwrap(datagram, from) {
+            let _ = self.conn.recv(packet, info);
+        }
     }
 
     /// The next framed datagram to send: written into `buf` with the frame header in front.
     pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<(usize, std::net::SocketAddr)> {
         let room = (buf.len() - PathLayer::HEADROOM).min(MAX_TUNNEL_PACKET);
-        match self.conn.send(&mut buf[PathLayer::HEADROOM..PathLayer::HEADROOM + room]) {
-            Ok((n, _)) => {
-                if let Some(k) = &mut self.keepalive {
-                    k.sent(Instant::now());
-                }
-                Some(self.path.wrap(buf, n))
+        loop {
+            let (n, info) = self.conn.send(&mut buf[PathLayer::HEADROOM..PathLayer::HEADROOM + room]).ok()?;
+            if let Some(k) = &mut self.keepalive {
+                k.sent(Instant::now());
             }
-            Err(_) => None,
+            // quiche only addresses the label it was given, so this always maps; a packet
+            // for a label without a path would be lost, and loss recovery covers that.
+            if let Some(framed) = self.path.wrap(buf, n, info.to) {
+                return Some(framed);
+            }
         }
     }
 
@@ -156,7 +174,11 @@ impl Tunnel {
         id
     }
 
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
     pub fn is_agent(&self) -> bool {
-        self.is_agent
+        self.side == Side::Agent
     }
 }

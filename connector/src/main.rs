@@ -10,7 +10,7 @@ use clap::Parser;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ztna_client::engine::{Backend, Engine, EngineConfig, Role};
+use ztna_client::engine::{Backend, Connector, Engine, EngineConfig};
 use ztna_client::metrics::ClientMetrics;
 use ztna_client::target::RelayArgs;
 
@@ -81,9 +81,8 @@ async fn run(cli: Cli) -> Result<()> {
         tls: cli.relay.tls("connector", "web-1"),
         software: concat!("ztna-connector/", env!("CARGO_PKG_VERSION")).into(),
         connect_timeout: cli.relay.timeout(),
-        role: Role::Connector { backends },
     };
-    let engine = Engine::new(cfg, metrics)?;
+    let engine = Engine::new(cfg, metrics, |events| Connector::new(backends, events))?;
     match cli.run_for {
         Some(secs) => match tokio::time::timeout(Duration::from_secs_f64(secs), engine.run()).await {
             Ok(result) => result,

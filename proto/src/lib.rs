@@ -9,6 +9,7 @@ pub mod frame;
 pub mod id;
 pub mod identity;
 pub mod steering;
+pub mod tunnel;
 mod wire;
 
 pub use control::{ErrorCode, Message, MessageReader};

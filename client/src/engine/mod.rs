@@ -1,0 +1,553 @@
+//! The client engine shared by agent and connector: one task that owns the UDP socket (control
+//! QUIC, relay frames and every end-to-end tunnel share it, so QAD reports the mapping the data
+//! path uses), the control connection with reconnect, and the tunnels with their flows.
+//!
+//! This module is the role-independent core. What only an agent or only a connector does
+//! (asking for sessions and serving local forwards; registering, accepting tunnels and
+//! reaching backends) lives in [`agent`] and [`connector`], behind the [`Role`] hooks.
+//! TCP flows over tunnel streams are [`streams`]; how tunnel packets travel is the path layer
+//! (`crate::path`).
+//!
+//! Log lines of every engine module carry the target `ztna_client::engine` ([`LOG`]): the
+//! benchmark harness and operators match on it.
+
+pub mod agent;
+pub mod connector;
+pub mod streams;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use ztna_proto::frame::{self, Frame};
+use ztna_proto::tunnel::UdpDatagram;
+use ztna_proto::{ErrorCode, Message, SessionId};
+
+use crate::backoff::Backoff;
+use crate::control::{ClientError, ControlClient, ControlCore, RelayInfo};
+use crate::flows::{FlowEvent, FlowKey};
+use crate::metrics::ClientMetrics;
+use crate::path::{PathLayer, Side};
+use crate::tls::ClientTls;
+use crate::tunnel::Tunnel;
+use streams::Streams;
+
+pub use agent::Agent;
+pub use connector::{Backend, Connector};
+
+/// The tracing target of every engine log line, whichever module emits it.
+pub const LOG: &str = "ztna_client::engine";
+const MAX_DATAGRAM: usize = 2048;
+/// Datagrams taken from the socket per wake-up before servicing timers and sending.
+const RECV_BATCH: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub relay: SocketAddr,
+    pub server_name: Option<String>,
+    pub tls: ClientTls,
+    pub software: String,
+    pub connect_timeout: Duration,
+}
+
+/// What an agent or a connector adds to the core. Every hook gets the core, so a role can
+/// open tunnels and flows, send control messages and UDP datagrams.
+pub trait Role {
+    /// What the role's own tasks (local listeners, backends) send to the engine.
+    type Event: Send + 'static;
+    /// Which end of every tunnel this role is.
+    const SIDE: Side;
+
+    /// Before the connection is taken over: may the program go on with what the relay said?
+    /// `first` on the first successful connect.
+    fn check_relay(&self, _info: &RelayInfo, _first: bool) -> Result<()> {
+        Ok(())
+    }
+    /// After every (re)connect.
+    fn on_connected(&mut self, core: &mut Core);
+    /// The control connection is gone, and with it every session.
+    fn on_disconnected(&mut self);
+    /// A control message the core does not handle itself (offers, registration).
+    fn on_message(&mut self, core: &mut Core, msg: Message) -> Result<()>;
+    /// The relay refused request `request_id`; false when the request is not this role's.
+    fn on_refused(&mut self, _request_id: u32, _code: ErrorCode, _message: &str) -> bool {
+        false
+    }
+    /// The relay closed a session, whether or not it has a tunnel yet.
+    fn on_session_closed(&mut self, _session: SessionId) {}
+    /// A DATA frame from the relay for a session without a tunnel (`datagram` is the whole
+    /// frame); the role may open the tunnel now.
+    fn on_unknown_session(&mut self, _core: &mut Core, _session: SessionId, _datagram: &[u8]) {}
+    /// The tunnel's peer proved the identity the relay announced.
+    fn on_verified(&mut self, _core: &mut Core, _session: SessionId) {}
+    /// The peer opened a TCP flow (connector).
+    fn on_new_stream(&mut self, _core: &mut Core, _key: FlowKey) {}
+    /// A UDP flow datagram from the peer, on `tunnel`.
+    fn on_udp(&mut self, tunnel: &Tunnel, dgram: UdpDatagram<'_>);
+    fn on_event(&mut self, core: &mut Core, event: Self::Event);
+    fn on_timers(&mut self, _now: Instant) {}
+    /// The tunnel left the table (its flows are already reset).
+    fn on_tunnel_closed(&mut self, _tunnel: &Tunnel) {}
+}
+
+/// The role-independent state: socket, control connection, tunnels and their flows.
+pub struct Core {
+    cfg: EngineConfig,
+    side: Side,
+    metrics: Arc<ClientMetrics>,
+    socket: Option<UdpSocket>,
+    control: Option<ControlCore>,
+    backoff: Backoff,
+    reconnect_at: Option<Instant>,
+    ever_connected: bool,
+    tunnel_config: quiche::Config,
+    tunnels: HashMap<SessionId, Tunnel>,
+    streams: Streams,
+    /// Datagrams to handle again, as if just received (frames that beat their offer, frames
+    /// that arrived while the control connection was being set up).
+    replay: VecDeque<(Vec<u8>, SocketAddr)>,
+    rxbuf: Vec<u8>,
+    txbuf: Vec<u8>,
+    dgrambuf: Vec<u8>,
+}
+
+impl Core {
+    pub fn relay(&self) -> SocketAddr {
+        self.cfg.relay
+    }
+
+    /// There is a control connection (it may have closed since the last timer run).
+    pub fn is_connected(&self) -> bool {
+        self.control.is_some()
+    }
+
+    /// Queues a control message; false when there is no control connection or it failed.
+    pub fn send_control(&mut self, msg: &Message) -> bool {
+        self.control.as_mut().is_some_and(|core| core.send(msg).is_ok())
+    }
+
+    pub fn tunnel(&self, session: SessionId) -> Option<&Tunnel> {
+        self.tunnels.get(&session)
+    }
+
+    /// The session's tunnel exists and its peer is who the relay announced.
+    pub fn is_verified(&self, session: SessionId) -> bool {
+        self.tunnels.get(&session).is_some_and(|t| t.verified)
+    }
+
+    /// Starts the session's tunnel over the relay: the agent's handshake, or the connector's
+    /// side of it (then the agent's first packet is due).
+    pub fn open_tunnel(&mut self, session: SessionId, service: String, peer_identity: String) -> Result<()> {
+        let path = PathLayer::via_relay(session, self.cfg.relay);
+        let config = &mut self.tunnel_config;
+        let t = match self.side {
+            Side::Agent => Tunnel::connect(session, service, peer_identity, path, config)?,
+            Side::Connector => Tunnel::accept(session, service, peer_identity, path, config)?,
+        };
+        self.tunnels.insert(session, t);
+        self.metrics.sessions.inc();
+        Ok(())
+    }
+
+    /// A local connection becomes a new flow of the session's tunnel (agent).
+    pub fn open_flow(&mut self, session: SessionId, stream: tokio::net::TcpStream) {
+        if let Some(t) = self.tunnels.get_mut(&session) {
+            self.streams.open(t, stream);
+        }
+    }
+
+    pub fn has_flow(&self, key: FlowKey) -> bool {
+        self.streams.contains(key)
+    }
+
+    /// The backend of an announced flow answered (connector).
+    pub fn attach_flow(&mut self, key: FlowKey, stream: tokio::net::TcpStream) {
+        self.streams.attach(self.tunnels.get_mut(&key.0), key, stream);
+    }
+
+    pub fn reset_flow(&mut self, key: FlowKey, code: u64) {
+        self.streams.reset(self.tunnels.get_mut(&key.0), key, code);
+    }
+
+    /// Sends one UDP datagram of a flow; one that QUIC cannot carry whole is dropped and
+    /// counted.
+    pub fn send_udp(&mut self, session: SessionId, flow: u32, data: &[u8]) {
+        let Some(t) = self.tunnels.get_mut(&session) else { return };
+        let dgram = UdpDatagram { flow, payload: data };
+        let fits = t.conn.dgram_max_writable_len().is_some_and(|max| dgram.len() <= max);
+        let Some(n) = fits.then(|| dgram.write(&mut self.dgrambuf).ok()).flatten() else {
+            self.metrics.udp_dropped_oversize.inc();
+            return;
+        };
+        if t.conn.dgram_send(&self.dgrambuf[..n]).is_ok() {
+            self.metrics.bytes_to_peer.inc_by(data.len() as u64);
+        }
+    }
+
+    /// Handles `datagram` again once the current message is done.
+    pub fn replay(&mut self, datagram: Vec<u8>, from: SocketAddr) {
+        self.replay.push_back((datagram, from));
+    }
+
+    /// One connection attempt: the client, or `None` with a retry scheduled. A failure that
+    /// retrying cannot mend ends the program if we never got in.
+    async fn dial(&mut self) -> Result<Option<ControlClient>> {
+        let c = &self.cfg;
+        let attempt =
+            ControlClient::connect(c.relay, c.server_name.as_deref(), &c.tls, &c.software, c.connect_timeout).await;
+        match attempt {
+            Ok(client) => Ok(Some(client)),
+            Err(e) => {
+                let fatal = match &e {
+                    ClientError::Refused { .. } | ClientError::Handshake(_) | ClientError::NotARelay(_) | ClientError::Setup(_) => true,
+                    ClientError::ClosedByRelay { code, .. } => ztna_proto::control::close_code::is_permanent(*code),
+                    _ => false,
+                };
+                if fatal && !self.ever_connected {
+                    bail!("{e}");
+                }
+                let delay = self.backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot reach the relay");
+                self.reconnect_at = Some(Instant::now() + delay);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Takes the connected client's socket and protocol state over.
+    fn install(&mut self, client: ControlClient, info: &RelayInfo) {
+        if self.ever_connected {
+            self.metrics.reconnects.inc();
+        }
+        self.ever_connected = true;
+        self.backoff.reset();
+        tracing::info!(relay = %self.cfg.relay, identity = %info.identity, observed = %info.observed, "connected to the relay");
+        let (socket, core, early_frames) = client.into_parts();
+        self.socket = Some(socket);
+        self.control = Some(core);
+        self.replay.extend(early_frames);
+    }
+
+    /// The control connection is gone: the relay sessions go with it (the caller closes the
+    /// tunnels first, while nothing can be sent).
+    fn lose_control(&mut self) {
+        self.control = None;
+        self.socket = None;
+    }
+
+    fn schedule_reconnect(&mut self) {
+        let delay = self.backoff.next_delay();
+        self.reconnect_at = Some(Instant::now() + delay);
+        self.metrics.set_path(None);
+    }
+
+    /// Removes a tunnel; its CONNECTION_CLOSE goes out right here (when there is a socket)
+    /// and the relay hears that the session is done.
+    fn close_tunnel(&mut self, session: SessionId, why: &str) -> Option<Tunnel> {
+        let mut t = self.tunnels.remove(&session)?;
+        let _ = t.conn.close(true, 0, why.as_bytes());
+        if let Some(socket) = &self.socket {
+            while let Some((n, to)) = t.poll_transmit(&mut self.txbuf) {
+                let _ = socket.try_send_to(&self.txbuf[..n], to);
+            }
+        }
+        self.send_control(&Message::CloseSession { session });
+        self.metrics.sessions.dec();
+        self.streams.reset_session(session);
+        Some(t)
+    }
+
+    fn next_wake(&self, now: Instant) -> Duration {
+        let mut wait = Duration::from_secs(1);
+        if let Some(at) = self.reconnect_at {
+            wait = wait.min(at.saturating_duration_since(now));
+        }
+        if let Some(t) = self.control.as_ref().and_then(|c| c.timeout(now)) {
+            wait = wait.min(t);
+        }
+        for t in self.tunnels.values() {
+            if let Some(d) = t.timeout(now) {
+                wait = wait.min(d);
+            }
+        }
+        wait
+    }
+
+    async fn flush(&mut self) {
+        let Some(socket) = &self.socket else { return };
+        if let Some(core) = &mut self.control {
+            while let Ok(Some((n, to))) = core.poll_transmit(&mut self.txbuf) {
+                let _ = socket.send_to(&self.txbuf[..n], to).await;
+            }
+        }
+        for t in self.tunnels.values_mut() {
+            while let Some((n, to)) = t.poll_transmit(&mut self.txbuf) {
+                let _ = socket.send_to(&self.txbuf[..n], to).await;
+            }
+        }
+    }
+}
+
+/// The engine: the core, driven by one role.
+pub struct Engine<R: Role> {
+    core: Core,
+    role: R,
+    flow_events: mpsc::UnboundedReceiver<FlowEvent>,
+    events_tx: mpsc::UnboundedSender<R::Event>,
+    events_rx: mpsc::UnboundedReceiver<R::Event>,
+}
+
+impl<R: Role> Engine<R> {
+    /// `role` is built with the sender its own tasks report through.
+    pub fn new(cfg: EngineConfig, metrics: Arc<ClientMetrics>, role: impl FnOnce(mpsc::UnboundedSender<R::Event>) -> R) -> Result<Self> {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (flow_tx, flow_events) = mpsc::unbounded_channel();
+        let core = Core {
+            tunnel_config: cfg.tls.tunnel_config(R::SIDE == Side::Connector)?,
+            cfg,
+            side: R::SIDE,
+            streams: Streams::new(R::SIDE, flow_tx, metrics.clone()),
+            metrics,
+            socket: None,
+            control: None,
+            backoff: Backoff::default(),
+            reconnect_at: Some(Instant::now()),
+            ever_connected: false,
+            tunnels: HashMap::new(),
+            replay: VecDeque::new(),
+            rxbuf: vec![0u8; MAX_DATAGRAM],
+            txbuf: vec![0u8; MAX_DATAGRAM],
+            dgrambuf: vec![0u8; MAX_DATAGRAM],
+        };
+        Ok(Engine { core, role: role(events_tx.clone()), flow_events, events_tx, events_rx })
+    }
+
+    /// For local listeners: where to send the role's events.
+    pub fn handle(&self) -> mpsc::UnboundedSender<R::Event> {
+        self.events_tx.clone()
+    }
+
+    /// Runs until a fatal error (refused identity or policy, bad certificates).
+    pub async fn run(mut self) -> Result<()> {
+        loop {
+            if let Some(at) = self.core.reconnect_at
+                && Instant::now() >= at
+            {
+                self.core.reconnect_at = None;
+                self.connect().await?;
+            }
+            self.core.flush().await;
+            let wait = self.core.next_wake(Instant::now());
+            enum Wake<E> {
+                Datagram(std::io::Result<(usize, SocketAddr)>),
+                Flow(Option<FlowEvent>),
+                Event(Option<E>),
+                Timer,
+            }
+            let wake = {
+                let socket = &self.core.socket;
+                let rxbuf = &mut self.core.rxbuf;
+                let recv = async move {
+                    match socket {
+                        Some(s) => s.recv_from(rxbuf).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = recv => Wake::Datagram(r),
+                    f = self.flow_events.recv() => Wake::Flow(f),
+                    e = self.events_rx.recv() => Wake::Event(e),
+                    _ = tokio::time::sleep(wait) => Wake::Timer,
+                }
+            };
+            match wake {
+                Wake::Datagram(Ok((n, from))) => {
+                    self.on_datagram(n, ztna_proto::addr::canonical(from));
+                    // Take whatever else is queued before timers and sends: one round of
+                    // acknowledgements and window updates per batch, not per datagram.
+                    for _ in 0..RECV_BATCH {
+                        let Some(socket) = &self.core.socket else { break };
+                        match socket.try_recv_from(&mut self.core.rxbuf) {
+                            Ok((n, from)) => self.on_datagram(n, ztna_proto::addr::canonical(from)),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Wake::Datagram(Err(e)) => tracing::debug!(error = %e, "socket receive error"),
+                Wake::Flow(Some(fe)) => {
+                    let t = self.core.tunnels.get_mut(&fe.key().0);
+                    self.core.streams.on_flow_event(t, fe);
+                }
+                Wake::Event(Some(ev)) => self.role.on_event(&mut self.core, ev),
+                // Both senders live as long as the engine (it holds a clone of each).
+                Wake::Flow(None) | Wake::Event(None) => return Ok(()),
+                Wake::Timer => {}
+            }
+            self.on_timers(Instant::now())?;
+        }
+    }
+
+    async fn connect(&mut self) -> Result<()> {
+        let Some(client) = self.core.dial().await? else { return Ok(()) };
+        let info = client.info.clone().ok_or_else(|| anyhow::anyhow!("no relay info"))?;
+        self.role.check_relay(&info, !self.core.ever_connected)?;
+        self.core.install(client, &info);
+        self.role.on_connected(&mut self.core);
+        self.replay();
+        Ok(())
+    }
+
+    /// The control connection is gone: everything that depended on it goes too.
+    fn disconnected(&mut self, why: &str) {
+        tracing::warn!(reason = why, "lost the relay; open flows are reset, reconnecting");
+        self.core.lose_control();
+        let sessions: Vec<SessionId> = self.core.tunnels.keys().copied().collect();
+        for s in sessions {
+            self.close_tunnel(s, "relay connection lost");
+        }
+        self.role.on_disconnected();
+        self.core.schedule_reconnect();
+    }
+
+    fn on_control_message(&mut self, msg: Message) -> Result<()> {
+        match msg {
+            Message::SessionClosed { session, reason } => {
+                tracing::info!(%session, %reason, "session closed by the relay");
+                self.role.on_session_closed(session);
+                self.close_tunnel(session, reason.name());
+            }
+            Message::Error { request_id, code, message } => {
+                if self.role.on_refused(request_id, code, &message) {
+                    // The role's request: it said what it means.
+                } else if code == ErrorCode::NotAuthorized || code == ErrorCode::UnknownService {
+                    eprintln!("relay: {message} ({code})");
+                } else {
+                    tracing::warn!(%code, "relay: {message}");
+                }
+            }
+            Message::ObservedAddress { addr, .. } => {
+                tracing::info!(observed = %addr, "relay reports our address");
+            }
+            other => self.role.on_message(&mut self.core, other)?,
+        }
+        self.replay();
+        Ok(())
+    }
+
+    fn replay(&mut self) {
+        while let Some((datagram, from)) = self.core.replay.pop_front() {
+            let n = datagram.len().min(self.core.rxbuf.len());
+            self.core.rxbuf[..n].copy_from_slice(&datagram[..n]);
+            self.on_datagram(n, from);
+        }
+    }
+
+    /// A datagram in `core.rxbuf[..n]`: control QUIC, or a relay frame for a tunnel.
+    fn on_datagram(&mut self, n: usize, from: SocketAddr) {
+        let core = &mut self.core;
+        let datagram = &mut core.rxbuf[..n];
+        if !frame::is_relay_frame(datagram) {
+            if let Some(control) = &mut core.control {
+                control.on_datagram(datagram, from);
+            }
+            return;
+        }
+        let Ok(Frame::Data { session, .. }) = Frame::parse(datagram) else { return };
+        if !core.tunnels.contains_key(&session) {
+            // A tunnel only ever starts through the relay.
+            if from != core.cfg.relay {
+                return;
+            }
+            // Lend the role the frame without copying it (the buffer comes back right after).
+            let rxbuf = std::mem::take(&mut core.rxbuf);
+            self.role.on_unknown_session(&mut self.core, session, &rxbuf[..n]);
+            self.core.rxbuf = rxbuf;
+        }
+        let core = &mut self.core;
+        let Some(t) = core.tunnels.get_mut(&session) else { return };
+        t.recv_frame(&mut core.rxbuf[..n], from);
+        self.service_tunnel(session);
+    }
+
+    /// After a tunnel changed: verify the peer, start waiting flows, move stream data.
+    fn service_tunnel(&mut self, session: SessionId) {
+        let Some(t) = self.core.tunnels.get_mut(&session) else { return };
+        if t.conn.is_established() && !t.verified {
+            if let Err(e) = t.verify_peer() {
+                tracing::error!(%session, error = %e, "tunnel peer identity mismatch; closing");
+                eprintln!("refusing tunnel for {:?}: {e}", t.service);
+                let _ = t.conn.close(true, 0x1, b"identity mismatch");
+                return;
+            }
+            tracing::info!(%session, service = %t.service, peer = %t.peer_identity, "tunnel established");
+            self.core.metrics.set_path(Some(t.path.current().name()));
+            self.role.on_verified(&mut self.core, session);
+        }
+        let Some(t) = self.core.tunnels.get_mut(&session).filter(|t| t.verified) else { return };
+        for key in self.core.streams.pump_readable(t) {
+            self.role.on_new_stream(&mut self.core, key);
+        }
+        let Some(t) = self.core.tunnels.get_mut(&session) else { return };
+        self.core.streams.pump_writable(t);
+        self.pump_datagrams(session);
+    }
+
+    fn pump_datagrams(&mut self, session: SessionId) {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        loop {
+            let Some(t) = self.core.tunnels.get_mut(&session) else { return };
+            let Ok(n) = t.conn.dgram_recv(&mut buf) else { return };
+            // One shorter than its header is ignored (PROTOCOL.md §13.5).
+            let Ok(dgram) = UdpDatagram::parse(&buf[..n]) else { continue };
+            self.core.metrics.bytes_from_peer.inc_by(dgram.payload.len() as u64);
+            self.role.on_udp(t, dgram);
+        }
+    }
+
+    fn close_tunnel(&mut self, session: SessionId, why: &str) {
+        let Some(t) = self.core.close_tunnel(session, why) else { return };
+        self.role.on_tunnel_closed(&t);
+        tracing::info!(%session, reason = why, "tunnel closed");
+    }
+
+    fn on_timers(&mut self, now: Instant) -> Result<()> {
+        if let Some(core) = &mut self.core.control {
+            if core.timeout(now).is_some_and(|d| d.is_zero()) {
+                core.on_timeout(now);
+            }
+            while let Some(msg) = self.core.control.as_mut().and_then(ControlCore::pop_message) {
+                self.on_control_message(msg)?;
+            }
+            if let Some(core) = &self.core.control
+                && core.is_closed()
+            {
+                let err = core.closed_error();
+                if let ClientError::ClosedByRelay { code, .. } = &err
+                    && ztna_proto::control::close_code::is_permanent(*code)
+                {
+                    bail!("{err}");
+                }
+                self.disconnected(&err.to_string());
+            }
+        }
+        let sessions: Vec<SessionId> = self.core.tunnels.keys().copied().collect();
+        for s in sessions {
+            if let Some(t) = self.core.tunnels.get_mut(&s) {
+                if t.timeout(now).is_some_and(|d| d.is_zero()) {
+                    t.on_timeout(now);
+                }
+                if t.conn.is_closed() {
+                    self.close_tunnel(s, "tunnel closed");
+                    continue;
+                }
+            }
+            self.service_tunnel(s);
+        }
+        self.role.on_timers(now);
+        Ok(())
+    }
+}
