@@ -145,6 +145,10 @@ mod tests {
         let mut out = [0u8; 7];
         assert_eq!(UdpDatagram { flow: 0x0102_0304, payload: b"abc" }.write(&mut out), Ok(7));
         assert_eq!(out, [1, 2, 3, 4, b'a', b'b', b'c']);
+        // The example of PROTOCOL.md §13.8.
+        let mut out = [0u8; 6];
+        assert_eq!(UdpDatagram { flow: 258, payload: b"hi" }.write(&mut out), Ok(6));
+        assert_eq!(out, [0x00, 0x00, 0x01, 0x02, 0x68, 0x69]);
         assert_eq!(UdpDatagram::parse(&[0, 0, 0, 9]), Ok(UdpDatagram { flow: 9, payload: &[] }));
         assert_eq!(UdpDatagram::parse(&[0, 0, 9]), Err(TunnelError::ShortDatagram(3)));
     }

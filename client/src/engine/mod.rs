@@ -551,3 +551,13 @@ impl<R: Role> Engine<R> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Log lines are matched by target (`ztna_client::engine: lost the relay`): the core's own
+    /// module path must stay the target every engine module uses.
+    #[test]
+    fn the_core_logs_under_the_engine_target() {
+        assert_eq!(module_path!(), format!("{}::tests", super::LOG));
+    }
+}

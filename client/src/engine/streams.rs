@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use ztna_proto::SessionId;
 use ztna_proto::tunnel::StreamKind;
 
+use super::LOG;
 use crate::flows::{self, FlowEvent, FlowKey, FlowTasks, WriterMsg};
 use crate::metrics::ClientMetrics;
 use crate::path::Side;
@@ -185,7 +186,7 @@ impl Streams {
                 }
                 Err(quiche::Error::Done) => break,
                 Err(quiche::Error::StreamReset(code)) => {
-                    tracing::debug!(?key, code, "stream reset by peer");
+                    tracing::debug!(target: LOG, ?key, code, "stream reset by peer");
                     drop(permit);
                     tasks.reset();
                     reset = true;
