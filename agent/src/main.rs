@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 
 mod forward;
 use ztna_client::ControlClient;
-use ztna_client::engine::{Agent, Engine, EngineConfig};
+use ztna_client::engine::agent::Agent;
+use ztna_client::engine::{Engine, EngineConfig};
 use ztna_client::target::RelayArgs;
 use ztna_proto::Message;
 

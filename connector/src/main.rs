@@ -10,7 +10,8 @@ use clap::Parser;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ztna_client::engine::{Backend, Connector, Engine, EngineConfig};
+use ztna_client::engine::connector::{Backend, Connector};
+use ztna_client::engine::{Engine, EngineConfig};
 use ztna_client::metrics::ClientMetrics;
 use ztna_client::target::RelayArgs;
 

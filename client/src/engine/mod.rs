@@ -8,8 +8,10 @@
 //! TCP flows over tunnel streams are [`streams`]; how tunnel packets travel is the path layer
 //! (`crate::path`).
 //!
-//! Log lines of every engine module carry the target `ztna_client::engine` ([`LOG`]): the
-//! benchmark harness and operators match on it.
+//! Modules depend downwards only: the roles use the core, the core uses `streams`, and
+//! nothing here uses a role. Log lines that tools and operators match on carry the target
+//! `ztna_client::engine` ([`LOG`]) whichever module emits them (the rest log under their
+//! module path, which starts with it too).
 
 pub mod agent;
 pub mod connector;
@@ -36,10 +38,7 @@ use crate::tls::ClientTls;
 use crate::tunnel::Tunnel;
 use streams::Streams;
 
-pub use agent::Agent;
-pub use connector::{Backend, Connector};
-
-/// The tracing target of every engine log line, whichever module emits it.
+/// The tracing target of the engine's log lines (`ztna_client::engine: lost the relay`).
 pub const LOG: &str = "ztna_client::engine";
 const MAX_DATAGRAM: usize = 2048;
 /// Datagrams taken from the socket per wake-up before servicing timers and sending.
@@ -158,10 +157,6 @@ impl Core {
         if let Some(t) = self.tunnels.get_mut(&session) {
             self.streams.open(t, stream);
         }
-    }
-
-    pub fn has_flow(&self, key: FlowKey) -> bool {
-        self.streams.contains(key)
     }
 
     /// The backend of an announced flow answered (connector).

@@ -14,7 +14,6 @@ use tokio::sync::mpsc;
 use ztna_proto::SessionId;
 use ztna_proto::tunnel::StreamKind;
 
-use super::LOG;
 use crate::flows::{self, FlowEvent, FlowKey, FlowTasks, WriterMsg};
 use crate::metrics::ClientMetrics;
 use crate::path::Side;
@@ -64,10 +63,6 @@ pub struct Streams {
 impl Streams {
     pub fn new(side: Side, events: mpsc::UnboundedSender<FlowEvent>, metrics: Arc<ClientMetrics>) -> Self {
         Streams { side, flows: HashMap::new(), events, metrics, buf: vec![0u8; flows::CHUNK] }
-    }
-
-    pub fn contains(&self, key: FlowKey) -> bool {
-        self.flows.contains_key(&key)
     }
 
     fn insert(&mut self, key: FlowKey, tasks: Option<FlowTasks>) {
@@ -186,7 +181,7 @@ impl Streams {
                 }
                 Err(quiche::Error::Done) => break,
                 Err(quiche::Error::StreamReset(code)) => {
-                    tracing::debug!(target: LOG, ?key, code, "stream reset by peer");
+                    tracing::debug!(?key, code, "stream reset by peer");
                     drop(permit);
                     tasks.reset();
                     reset = true;
