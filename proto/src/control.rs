@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use thiserror::Error;
 
 use crate::addr;
+use crate::candidate::{self, Candidate, PUNCH_TOKEN_LEN};
 use crate::id::{ID_LEN, SessionId};
 use crate::wire::{Reader, WireError, put_string};
 
@@ -173,6 +174,11 @@ pub enum Message {
     CloseSession { session: SessionId },
     /// C->R: application-level RTT probe; answered by `Pong`.
     Ping { nonce: u64 },
+    /// C->R: this side's path candidates for a session it takes part in; the relay passes
+    /// them to the other side as `PeerCandidates` (§14.2).
+    Candidates { session: SessionId, candidates: Vec<Candidate> },
+    /// C->R: which path the session's tunnel uses now (`direct` or via the relay).
+    PathStatus { session: SessionId, direct: bool },
     /// R->C, answer to Hello: the identity and role the relay authenticated, and the
     /// services the policy lets it reach (agent) or serve (connector).
     Welcome { version: u16, role: Role, identity: String, services: Vec<String> },
@@ -189,6 +195,10 @@ pub enum Message {
     Error { request_id: u32, code: ErrorCode, message: String },
     /// R->C: answer to Ping.
     Pong { nonce: u64 },
+    /// R->C: the other side's candidates for a session, and the session's punch token.
+    /// Sent with every `SessionOffer` (holding the peer's address as the relay sees it) and
+    /// whenever the peer sends `Candidates`.
+    PeerCandidates { session: SessionId, token: [u8; PUNCH_TOKEN_LEN], candidates: Vec<Candidate> },
 }
 
 pub const TYPE_HELLO: u8 = 0x01;
@@ -196,6 +206,8 @@ pub const TYPE_REGISTER: u8 = 0x02;
 pub const TYPE_CONNECT: u8 = 0x03;
 pub const TYPE_CLOSE_SESSION: u8 = 0x04;
 pub const TYPE_PING: u8 = 0x05;
+pub const TYPE_CANDIDATES: u8 = 0x06;
+pub const TYPE_PATH_STATUS: u8 = 0x07;
 pub const TYPE_WELCOME: u8 = 0x81;
 pub const TYPE_OBSERVED_ADDRESS: u8 = 0x82;
 pub const TYPE_REGISTERED: u8 = 0x83;
@@ -203,6 +215,7 @@ pub const TYPE_SESSION_OFFER: u8 = 0x84;
 pub const TYPE_SESSION_CLOSED: u8 = 0x85;
 pub const TYPE_ERROR: u8 = 0x86;
 pub const TYPE_PONG: u8 = 0x87;
+pub const TYPE_PEER_CANDIDATES: u8 = 0x88;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DecodeError {
@@ -246,6 +259,9 @@ impl Message {
             Message::SessionClosed { .. } => TYPE_SESSION_CLOSED,
             Message::Error { .. } => TYPE_ERROR,
             Message::Pong { .. } => TYPE_PONG,
+            Message::Candidates { .. } => TYPE_CANDIDATES,
+            Message::PathStatus { .. } => TYPE_PATH_STATUS,
+            Message::PeerCandidates { .. } => TYPE_PEER_CANDIDATES,
         }
     }
 
@@ -307,6 +323,19 @@ impl Message {
                 out.extend_from_slice(&code.to_u16().to_be_bytes());
                 text(out, message, MAX_TEXT_LEN, "error message")?;
             }
+            Message::Candidates { session, candidates } => {
+                out.extend_from_slice(session.as_bytes());
+                candidate::encode_list(out, candidates).map_err(EncodeError::TooLong)?;
+            }
+            Message::PathStatus { session, direct } => {
+                out.extend_from_slice(session.as_bytes());
+                out.push(u8::from(*direct));
+            }
+            Message::PeerCandidates { session, token, candidates } => {
+                out.extend_from_slice(session.as_bytes());
+                out.extend_from_slice(token);
+                candidate::encode_list(out, candidates).map_err(EncodeError::TooLong)?;
+            }
         }
         Ok(())
     }
@@ -346,6 +375,23 @@ impl Message {
                 request_id: r.u32().map_err(malformed)?,
                 code: ErrorCode::from_u16(r.u16().map_err(malformed)?),
                 message: r.string(MAX_TEXT_LEN).map_err(malformed)?.to_owned(),
+            },
+            TYPE_CANDIDATES => Message::Candidates {
+                session: read_session(&mut r).map_err(malformed)?,
+                candidates: candidate::decode_list(&mut r).map_err(malformed)?,
+            },
+            TYPE_PATH_STATUS => Message::PathStatus {
+                session: read_session(&mut r).map_err(malformed)?,
+                direct: match r.u8().map_err(malformed)? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(malformed(WireError::Invalid("path status is 0 or 1"))),
+                },
+            },
+            TYPE_PEER_CANDIDATES => Message::PeerCandidates {
+                session: read_session(&mut r).map_err(malformed)?,
+                token: r.array::<PUNCH_TOKEN_LEN>().map_err(malformed)?,
+                candidates: candidate::decode_list(&mut r).map_err(malformed)?,
             },
             other => return Err(DecodeError::UnknownType(other)),
         };
@@ -468,7 +514,7 @@ mod tests {
 
     use super::*;
 
-    const KNOWN_TYPES: [u8; 12] = [
+    const KNOWN_TYPES: [u8; 15] = [
         TYPE_HELLO,
         TYPE_REGISTER,
         TYPE_CONNECT,
@@ -481,6 +527,9 @@ mod tests {
         TYPE_SESSION_CLOSED,
         TYPE_ERROR,
         TYPE_PONG,
+        TYPE_CANDIDATES,
+        TYPE_PATH_STATUS,
+        TYPE_PEER_CANDIDATES,
     ];
 
     /// Cuts `s` to at most `max` bytes, on a char boundary.
@@ -576,7 +625,19 @@ mod tests {
                 message
             }),
             any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
+            (session(), candidates()).prop_map(|(session, candidates)| Message::Candidates { session, candidates }),
+            (session(), any::<bool>()).prop_map(|(session, direct)| Message::PathStatus { session, direct }),
+            (session(), any::<[u8; PUNCH_TOKEN_LEN]>(), candidates())
+                .prop_map(|(session, token, candidates)| Message::PeerCandidates { session, token, candidates }),
         ]
+    }
+
+    fn candidates() -> impl Strategy<Value = Vec<Candidate>> {
+        let one = || {
+            (select(crate::candidate::CandidateKind::ALL.to_vec()), any::<u32>(), socket_addr())
+                .prop_map(|(kind, priority, addr)| Candidate { kind, priority, addr })
+        };
+        prop_oneof![4 => vec(one(), 0..4), 1 => vec(one(), crate::candidate::MAX_CANDIDATES)]
     }
 
     fn encoded(msg: &Message) -> Vec<u8> {

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use thiserror::Error;
 
 use crate::addr;
+use crate::candidate::PUNCH_TOKEN_LEN;
 use crate::id::{ID_LEN, SessionId};
 use crate::wire::{Reader, WireError};
 
@@ -17,6 +18,11 @@ pub const TYPE_DATA: u8 = 0x01;
 pub const TYPE_QAD_PROBE: u8 = 0x02;
 /// `QAD_REPLY`: `[0x03][nonce: 8][address]`, never longer than the probe it answers.
 pub const TYPE_QAD_REPLY: u8 = 0x03;
+/// `PUNCH`: `[0x04][session id: 8][punch token: 16]`, sent peer to peer (never to the relay)
+/// to open NAT mappings and teach the peer a reflexive address (PROTOCOL.md §14.3).
+pub const TYPE_PUNCH: u8 = 0x04;
+/// Length of a PUNCH frame.
+pub const PUNCH_LEN: usize = 1 + ID_LEN + PUNCH_TOKEN_LEN;
 
 /// Bytes before a DATA frame's payload.
 pub const DATA_HEADER_LEN: usize = 1 + ID_LEN;
@@ -39,6 +45,8 @@ pub enum FrameError {
     ShortProbe,
     #[error("malformed QAD reply: {0}")]
     BadReply(WireError),
+    #[error("PUNCH frame is not {PUNCH_LEN} bytes")]
+    BadPunch,
 }
 
 /// A parsed relay frame, borrowing the datagram.
@@ -47,6 +55,7 @@ pub enum Frame<'a> {
     Data { session: SessionId, payload: &'a [u8] },
     QadProbe { nonce: u64 },
     QadReply { nonce: u64, observed: SocketAddr },
+    Punch { session: SessionId, token: [u8; PUNCH_TOKEN_LEN] },
 }
 
 /// True when the datagram is a relay frame rather than a QUIC packet.
@@ -81,9 +90,26 @@ impl<'a> Frame<'a> {
                 r.finish().map_err(FrameError::BadReply)?;
                 Ok(Frame::QadReply { nonce, observed })
             }
+            TYPE_PUNCH => {
+                if datagram.len() != PUNCH_LEN {
+                    return Err(FrameError::BadPunch);
+                }
+                let mut r = Reader::new(rest);
+                let session = SessionId(r.array::<ID_LEN>().map_err(|_| FrameError::BadPunch)?);
+                let token = r.array::<PUNCH_TOKEN_LEN>().map_err(|_| FrameError::BadPunch)?;
+                Ok(Frame::Punch { session, token })
+            }
             other => Err(FrameError::UnknownType(other)),
         }
     }
+}
+
+/// Writes a PUNCH frame; returns its length.
+pub fn write_punch(session: &SessionId, token: &[u8; PUNCH_TOKEN_LEN], out: &mut [u8; PUNCH_LEN]) -> usize {
+    out[0] = TYPE_PUNCH;
+    out[1..1 + ID_LEN].copy_from_slice(session.as_bytes());
+    out[1 + ID_LEN..].copy_from_slice(token);
+    PUNCH_LEN
 }
 
 /// Writes a DATA frame header for `session` into `out[..DATA_HEADER_LEN]`.
@@ -146,6 +172,19 @@ mod tests {
             let n = write_qad_reply(nonce, &observed, &mut reply).unwrap();
             prop_assert!(n <= probe.len(), "reply must never amplify");
             prop_assert_eq!(Frame::parse(&reply[..n]), Ok(Frame::QadReply { nonce, observed }));
+        }
+
+        #[test]
+        fn punch_round_trip(id in any::<[u8; 8]>(), token in any::<[u8; PUNCH_TOKEN_LEN]>(), extra in 0usize..3) {
+            let mut out = [0u8; PUNCH_LEN];
+            let n = write_punch(&SessionId(id), &token, &mut out);
+            prop_assert!(is_relay_frame(&out[..n]));
+            prop_assert_eq!(Frame::parse(&out[..n]), Ok(Frame::Punch { session: SessionId(id), token }));
+            // Any other length is not a punch.
+            let mut longer = out.to_vec();
+            longer.resize(PUNCH_LEN + extra + 1, 0);
+            prop_assert_eq!(Frame::parse(&longer), Err(FrameError::BadPunch));
+            prop_assert_eq!(Frame::parse(&out[..PUNCH_LEN - 1 - extra]), Err(FrameError::BadPunch));
         }
 
         #[test]

@@ -4,6 +4,7 @@
 //! untrusted bytes and returns a typed error; none of them panics (property-tested and fuzzed).
 
 pub mod addr;
+pub mod candidate;
 pub mod control;
 pub mod frame;
 pub mod id;

@@ -83,6 +83,18 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignalLabel {
+    pub message: String,
+    pub result: String,
+}
+
+/// Path signalling messages (`Candidates`, `PathStatus`) and what became of them.
+pub const SIGNAL_MESSAGES: [&str; 2] = ["candidates", "path_status"];
+/// `forwarded`/`recorded`: taken; `not_a_party`: the sender is not in that session;
+/// `unknown_session`: the session is gone.
+pub const SIGNAL_RESULTS: [&str; 4] = ["forwarded", "recorded", "not_a_party", "unknown_session"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FamilyLabel {
     pub family: String,
 }
@@ -123,6 +135,8 @@ pub struct Metrics {
     pub registered_connectors: Gauge,
     pub reloads: Family<ReasonLabel, Counter>,
     pub blocklisted: Counter,
+    signaling: Family<SignalLabel, Counter>,
+    pub sessions_direct: Gauge,
 }
 
 impl Metrics {
@@ -153,6 +167,8 @@ impl Metrics {
             registered_connectors: Gauge::default(),
             reloads: Family::default(),
             blocklisted: Counter::default(),
+            signaling: Family::default(),
+            sessions_direct: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("packets_received", "UDP datagrams received, per worker", m.packets_in.clone());
@@ -187,6 +203,16 @@ impl Metrics {
         );
         registry.register("registered_connectors", "Connector registrations (connector, service) currently live", m.registered_connectors.clone());
         registry.register("blocklist_additions", "Sources put on the XDP blocklist for exceeding the handshake limit", m.blocklisted.clone());
+        registry.register(
+            "signaling_messages",
+            "Path signalling messages from clients (candidates, path status), by result",
+            m.signaling.clone(),
+        );
+        registry.register(
+            "sessions_direct",
+            "Sessions whose tunnel reports a direct peer-to-peer path (the relay carries none of their traffic)",
+            m.sessions_direct.clone(),
+        );
         registry.register("config_reloads", "Certificate and policy reloads (SIGHUP), by result", m.reloads.clone());
         // A gauge fixed at 1 rather than an OpenMetrics `info`, which Prometheus' text
         // parser (and promtool) do not accept.
@@ -215,6 +241,11 @@ impl Metrics {
         }
         for c in ErrorCode::ALL {
             let _ = m.refusals.get_or_create(&ReasonLabel { reason: c.name().into() });
+        }
+        for message in SIGNAL_MESSAGES {
+            for result in SIGNAL_RESULTS {
+                let _ = m.signaling.get_or_create(&SignalLabel { message: message.into(), result: result.into() });
+            }
         }
         for f in ["ipv4", "ipv6"] {
             let _ = m.qad_reports.get_or_create(&FamilyLabel { family: f.into() });
@@ -258,6 +289,11 @@ impl Metrics {
 
     pub fn session_closed(&self, reason: ErrorCode) {
         self.sessions_closed.get_or_create(&ReasonLabel { reason: reason.name().into() }).inc();
+    }
+
+    /// A path signalling message (one of [`SIGNAL_MESSAGES`]) had `result` ([`SIGNAL_RESULTS`]).
+    pub fn signal(&self, message: &str, result: &str) {
+        self.signaling.get_or_create(&SignalLabel { message: message.into(), result: result.into() }).inc();
     }
 
     pub fn handshake(&self, ok: bool) {

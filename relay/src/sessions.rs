@@ -66,6 +66,17 @@ pub struct Session {
     pub connector_addr: SocketAddr,
     pub last_active: Instant,
     pub frames: u64,
+    /// Both sides send it in PUNCH frames to each other (PROTOCOL.md §14.3).
+    pub punch_token: [u8; ztna_proto::candidate::PUNCH_TOKEN_LEN],
+    /// The last `PathStatus` of the agent and of the connector: the tunnel is direct.
+    pub direct: [bool; 2],
+}
+
+impl Session {
+    /// Either side reports a direct path.
+    pub fn is_direct(&self) -> bool {
+        self.direct.iter().any(|d| *d)
+    }
 }
 
 /// Outcome of one DATA frame.
@@ -113,6 +124,10 @@ impl SessionTable {
         self.sessions.get(id)
     }
 
+    pub fn get_mut(&mut self, id: &SessionId) -> Option<&mut Session> {
+        self.sessions.get_mut(id)
+    }
+
     pub fn len(&self) -> usize {
         self.sessions.len()
     }
@@ -146,11 +161,12 @@ impl SessionTable {
 
     /// Sessions idle for longer than `idle` (left in the table: ending one is the caller's).
     /// Frames XDP forwarded never reached this table, so a session idle here asks the
-    /// kernel mirror when it last moved.
+    /// kernel mirror when it last moved. A session whose tunnel went direct carries nothing
+    /// here by design and stays as the warm fallback path while both sides are connected.
     pub fn idle(&mut self, now: Instant, idle: Duration, mirror: &impl Mirror) -> Vec<SessionId> {
         let mut expired = Vec::new();
         for (id, s) in self.sessions.iter_mut() {
-            if now.saturating_duration_since(s.last_active) <= idle {
+            if s.is_direct() || now.saturating_duration_since(s.last_active) <= idle {
                 continue;
             }
             if let Some(seen) = mirror.mirror_last_seen(id, now)
@@ -182,6 +198,8 @@ mod tests {
             connector_addr: connector.parse().unwrap(),
             last_active: now,
             frames: 0,
+            punch_token: [0; 16],
+            direct: [false; 2],
         }
     }
 

@@ -4,12 +4,13 @@
 
 use std::time::Instant;
 
+use ztna_proto::candidate::{Candidate, CandidateKind};
 use ztna_proto::control::Role;
 use ztna_proto::identity::{Identity, Kind};
 use ztna_proto::{ErrorCode, Message, SessionId};
 
 use super::conn::{ConnKey, ControlConn, State, close_code};
-use super::{Core, CoreMsg, Ctx, Side, Sink};
+use super::{Core, CoreMsg, Ctx, Side, Signal, Sink};
 use crate::policy::Decision;
 use crate::sessions::{ConnRef, Session};
 use crate::tls;
@@ -50,6 +51,14 @@ impl Ctx {
                 break candidate;
             }
         };
+        // Each side learns the other's address as the relay sees it with the offer, so
+        // punching starts with the session (PROTOCOL.md §14.2).
+        let punch_token = rand::random();
+        let peer_candidates = |addr| Message::PeerCandidates {
+            session,
+            token: punch_token,
+            candidates: vec![Candidate::new(CandidateKind::ServerReflexive, addr)],
+        };
         // The connector hears first: if its worker is gone, the agent gets a refusal rather
         // than a session nobody serves.
         let offer = Message::SessionOffer {
@@ -59,7 +68,13 @@ impl Ctx {
             peer_role: Role::Agent,
             peer_identity: id.to_string(),
         };
-        let to_connector = CoreMsg::Offer { conn: connector.conn.conn, session, owner: self.index, addr: connector.addr, msg: offer };
+        let to_connector = CoreMsg::Offer {
+            conn: connector.conn.conn,
+            session,
+            owner: self.index,
+            addr: connector.addr,
+            msgs: Box::new([offer, peer_candidates(conn.peer())]),
+        };
         if self.post(connector.conn.worker, to_connector, sink).is_err() {
             return self.refuse(conn, request_id, ErrorCode::Internal, "the connector's worker is not running".into());
         }
@@ -72,6 +87,8 @@ impl Ctx {
             connector_addr: connector.addr,
             last_active: now,
             frames: 0,
+            punch_token,
+            direct: [false; 2],
         };
         self.sessions.insert(session, record, sink);
         conn.add_session(session);
@@ -85,6 +102,7 @@ impl Ctx {
             peer_role: Role::Connector,
             peer_identity: connector.identity.to_string(),
         });
+        conn.send(&peer_candidates(connector.addr));
     }
 
     /// Sends a message to worker `to`'s core; one for this worker waits in the local queue
@@ -105,6 +123,9 @@ impl Core {
     pub(super) fn end_session(&mut self, id: SessionId, reason: ErrorCode, by: Option<Side>, sink: &mut impl Sink) {
         let Some(s) = self.ctx.sessions.remove(&id, sink) else { return };
         self.ctx.m.sessions_active.dec();
+        if s.is_direct() {
+            self.ctx.shared.metrics.sessions_direct.dec();
+        }
         self.ctx.shared.metrics.session_closed(reason);
         tracing::debug!(session = %id, service = %s.service, reason = %reason, frames = s.frames, "session ended");
         if by != Some(Side::Agent)
@@ -118,6 +139,43 @@ impl Core {
                 self.handle_message(msg, sink);
             } else {
                 let _ = sink.post(s.connector.worker, msg);
+            }
+        }
+    }
+
+    /// Path signalling from a party of session `id`: candidates go to the other side with
+    /// the session's punch token; a path status is recorded (a direct session is not
+    /// expired for carrying nothing here).
+    pub(super) fn signal(&mut self, id: SessionId, by: Side, signal: Signal, sink: &mut impl Sink) {
+        let metrics = &self.ctx.shared.metrics;
+        let name = signal.name();
+        let Some(s) = self.ctx.sessions.get_mut(&id) else {
+            return metrics.signal(name, "unknown_session");
+        };
+        match signal {
+            Signal::PathStatus(direct) => {
+                let was = s.is_direct();
+                s.direct[usize::from(by == Side::Connector)] = direct;
+                match (was, s.is_direct()) {
+                    (false, true) => metrics.sessions_direct.inc(),
+                    (true, false) => metrics.sessions_direct.dec(),
+                    _ => 0,
+                };
+                metrics.signal(name, "recorded");
+            }
+            Signal::Candidates(candidates) => {
+                metrics.signal(name, "forwarded");
+                let msg = Message::PeerCandidates { session: id, token: s.punch_token, candidates };
+                let (to, worker) = match by {
+                    Side::Agent => (s.connector.conn, s.connector.worker),
+                    Side::Connector => (s.agent.conn, s.agent.worker),
+                };
+                let deliver = CoreMsg::Deliver { conn: to, session: id, msg };
+                if worker == self.ctx.index {
+                    self.handle_message(deliver, sink);
+                } else {
+                    let _ = sink.post(worker, deliver);
+                }
             }
         }
     }

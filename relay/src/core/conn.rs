@@ -115,6 +115,10 @@ impl ControlConn {
         self.quic.recv(buf, info)
     }
 
+    pub fn is_established(&self) -> bool {
+        self.quic.is_established()
+    }
+
     /// The handshake completed on this turn: true once, while still `Handshaking`.
     pub fn handshake_completed(&self) -> bool {
         self.state == State::Handshaking && self.quic.is_established()
@@ -272,10 +276,6 @@ impl ControlConn {
 
     pub fn sessions(&self) -> &[SessionId] {
         &self.sessions
-    }
-
-    pub fn has_session(&self, id: &SessionId) -> bool {
-        self.sessions.contains(id)
     }
 
     pub fn add_session(&mut self, id: SessionId) {

@@ -89,16 +89,15 @@ impl ConnTable {
         self.entries.get_mut(key).map(|e| &mut e.conn)
     }
 
-    /// The handshake completed: Initials with the client's DCID no longer reach it.
-    pub fn drop_alias(&mut self, key: &ConnKey) {
-        if let Some(a) = self.entries.get_mut(key).and_then(|e| e.alias.take()) {
+    /// After a connection was serviced: re-arms its timer, and once its handshake is done,
+    /// forgets its Initial-DCID alias (no Initial may reach it any more).
+    pub fn serviced(&mut self, key: &ConnKey, now: Instant) {
+        let Some(e) = self.entries.get_mut(key) else { return };
+        if e.conn.is_established()
+            && let Some(a) = e.alias.take()
+        {
             self.aliases.remove(&a);
         }
-    }
-
-    /// Re-arms a connection's timer after it was serviced.
-    pub fn schedule(&mut self, key: &ConnKey, now: Instant) {
-        let Some(e) = self.entries.get_mut(key) else { return };
         let deadline = e.conn.timeout().map(|d| now + d);
         if deadline != e.deadline {
             e.deadline = deadline;
@@ -143,12 +142,5 @@ impl ConnTable {
 
     pub fn keys(&self) -> Vec<ConnKey> {
         self.entries.keys().copied().collect()
-    }
-
-    /// Touches every connection (reload and drain look at all of them).
-    pub fn touch_all(&mut self) {
-        for key in self.keys() {
-            self.touch(&key);
-        }
     }
 }

@@ -9,7 +9,7 @@ use ztna_proto::identity::{Identity, Kind};
 use ztna_proto::{CONTROL_VERSION, ErrorCode, Message};
 
 use super::conn::{ControlConn, Incoming, State, close_code};
-use super::{CoreMsg, Ctx, Side, Sink};
+use super::{CoreMsg, Ctx, Side, Signal, Sink};
 use crate::policy::Decision;
 use crate::registry::ConnectorEntry;
 use crate::sessions::ConnRef;
@@ -99,6 +99,12 @@ impl Ctx {
                 let _ = self.post(session.worker(), CoreMsg::EndSession { session, reason: ErrorCode::PeerGone, by }, sink);
             }
             (State::Ready, Message::Ping { nonce }) => conn.send(&Message::Pong { nonce }),
+            (State::Ready, Message::Candidates { session, candidates }) => {
+                self.signal(conn, &id, session, Signal::Candidates(candidates), sink)
+            }
+            (State::Ready, Message::PathStatus { session, direct }) => {
+                self.signal(conn, &id, session, Signal::PathStatus(direct), sink)
+            }
             (State::Ready, Message::Hello { .. }) => {
                 self.refuse(conn, 0, ErrorCode::ProtocolViolation, "Hello was already sent".into());
             }
@@ -106,6 +112,18 @@ impl Ctx {
                 self.refuse(conn, 0, ErrorCode::UnsupportedMessage, format!("message type {:#04x} is not for the relay", other.kind()));
             }
         }
+    }
+
+    /// Path signalling is bound to the session: only its two parties may send it, and the
+    /// relay, not the sender, decides whom it reaches.
+    fn signal(&mut self, conn: &mut ControlConn, id: &Identity, session: ztna_proto::SessionId, signal: Signal, sink: &mut impl Sink) {
+        if !conn.sessions().contains(&session) {
+            self.shared.metrics.signal(signal.name(), "not_a_party");
+            tracing::debug!(identity = %id, %session, "path signalling for a session this client is not in");
+            return;
+        }
+        let by = if id.kind == Kind::Agent { Side::Agent } else { Side::Connector };
+        let _ = self.post(session.worker(), CoreMsg::Signal { session, by, signal }, sink);
     }
 
     fn hello(&mut self, conn: &mut ControlConn, id: &Identity, version: u16) {

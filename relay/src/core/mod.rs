@@ -48,13 +48,36 @@ pub enum CoreMsg {
     /// Deliver a session offer to a connector connection on this worker. `addr` is the
     /// connector address the owner bound; if the connector has moved since, its worker
     /// tells the owner.
-    Offer { conn: ConnKey, session: SessionId, owner: u8, addr: SocketAddr, msg: Message },
+    Offer { conn: ConnKey, session: SessionId, owner: u8, addr: SocketAddr, msgs: Box<[Message; 2]> },
     /// A session ended: tell this connection (if still here) and forget the session.
     SessionEnded { conn: ConnKey, session: SessionId, reason: ErrorCode },
     /// To a session's owner: end it on behalf of `by`, who left or asked.
     EndSession { session: SessionId, reason: ErrorCode, by: Side },
     /// To a session's owner: the connector side's validated address changed.
     ConnectorMoved { session: SessionId, addr: SocketAddr },
+    /// To a session's owner: path signalling from side `by`, a party of the session.
+    Signal { session: SessionId, by: Side, signal: Signal },
+    /// Deliver a message to this connection if it still takes part in `session`.
+    Deliver { conn: ConnKey, session: SessionId, msg: Message },
+}
+
+/// Path signalling a party sends about its session (PROTOCOL.md §14.2).
+#[derive(Debug)]
+pub enum Signal {
+    /// Its candidates, for the other side.
+    Candidates(Vec<ztna_proto::candidate::Candidate>),
+    /// Whether its tunnel now uses a direct path.
+    PathStatus(bool),
+}
+
+impl Signal {
+    /// The `message` label of the signalling metric.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Signal::Candidates(_) => "candidates",
+            Signal::PathStatus(_) => "path_status",
+        }
+    }
 }
 
 /// A side of a session.
@@ -131,10 +154,6 @@ impl Core {
         Ok(Core { conns: ConnTable::default(), ctx })
     }
 
-    pub fn index(&self) -> u8 {
-        self.ctx.index
-    }
-
     pub fn connections(&self) -> usize {
         self.conns.len()
     }
@@ -167,10 +186,12 @@ impl Core {
     /// A message from another worker's core (or this one's).
     pub fn handle_message(&mut self, msg: CoreMsg, sink: &mut impl Sink) {
         match msg {
-            CoreMsg::Offer { conn, session, owner, addr, msg } => match self.conns.touch(&conn) {
+            CoreMsg::Offer { conn, session, owner, addr, msgs } => match self.conns.touch(&conn) {
                 Some(c) if c.state() == conn::State::Ready => {
                     c.add_session(session);
-                    c.send(&msg);
+                    for msg in msgs.iter() {
+                        c.send(msg);
+                    }
                     if c.peer() != addr {
                         // Moved while the offer was in flight: rebind the session.
                         let moved = CoreMsg::ConnectorMoved { session, addr: c.peer() };
@@ -189,6 +210,14 @@ impl Core {
             }
             CoreMsg::EndSession { session, reason, by } => self.end_session(session, reason, Some(by), sink),
             CoreMsg::ConnectorMoved { session, addr } => self.ctx.sessions.rebind_connector(&session, addr, sink),
+            CoreMsg::Signal { session, by, signal } => self.signal(session, by, signal, sink),
+            CoreMsg::Deliver { conn, session, msg } => {
+                if let Some(c) = self.conns.touch(&conn)
+                    && c.sessions().contains(&session)
+                {
+                    c.send(&msg);
+                }
+            }
         }
     }
 
@@ -294,9 +323,6 @@ impl Core {
     fn service_dirty(&mut self, now: Instant, sink: &mut impl Sink) {
         let mut closed = Vec::new();
         while let Some(key) = self.conns.next_dirty() {
-            if self.conns.get(&key).is_some_and(|c| c.handshake_completed()) {
-                self.conns.drop_alias(&key);
-            }
             let Some(conn) = self.conns.get_mut(&key) else { continue };
             let ctx = &mut self.ctx;
             if conn.handshake_completed() {
@@ -314,7 +340,7 @@ impl Core {
             }
             while sink.send_dynamic(|out| conn.transmit(out)) {}
             let done = conn.is_closed();
-            self.conns.schedule(&key, now);
+            self.conns.serviced(&key, now);
             if done {
                 closed.push(key);
             }
@@ -344,7 +370,8 @@ impl Ctx {
                 });
                 self.shared.metrics.qad_probes.inc();
             }
-            Ok(Frame::QadReply { .. }) => self.m.drop(DropReason::unknown_frame_type),
+            // A reply, or a punch sent to the relay's address: neither is for the relay.
+            Ok(Frame::QadReply { .. } | Frame::Punch { .. }) => self.m.drop(DropReason::unknown_frame_type),
             Err(FrameError::ShortData) => self.m.drop(DropReason::malformed_frame),
             Err(FrameError::ShortProbe) => self.m.drop(DropReason::short_probe),
             Err(_) => self.m.drop(DropReason::unknown_frame_type),

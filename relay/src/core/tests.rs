@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use ztna_proto::candidate::{Candidate, CandidateKind};
 use ztna_proto::control::{MessageReader, Role};
 use ztna_proto::frame;
 use ztna_proto::steering::{self, Owner};
@@ -628,4 +629,91 @@ fn handshakes_without_retry() {
     assert!(lab.clients[alice].quic.is_established());
     assert_eq!(lab.shared.metrics.retries_sent.get(), 0);
     assert_eq!(lab.cores[1].connections(), 1);
+}
+
+/// The `PeerCandidates` a client received: (session, token, candidates).
+fn peer_candidates(c: &mut Client) -> Vec<(SessionId, [u8; 16], Vec<Candidate>)> {
+    c.take(|m| match m {
+        Message::PeerCandidates { session, token, candidates } => Some((*session, *token, candidates.clone())),
+        _ => None,
+    })
+}
+
+fn signal_count(lab: &Lab, message: &str, result: &str) -> u64 {
+    let text = lab.shared.metrics.encode_prometheus();
+    let needle = format!("ztna_relay_signaling_messages_total{{message=\"{message}\",result=\"{result}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&needle)).map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn the_offer_carries_each_sides_reflexive_address_and_one_token() {
+    for (agent_home, connector_home) in PLACEMENTS {
+        let (mut lab, alice, web, session) = Lab::with_session(agent_home, connector_home);
+        let (a, c) = (lab.clients[alice].public, lab.clients[web].public);
+        let to_agent = peer_candidates(&mut lab.clients[alice]);
+        let to_connector = peer_candidates(&mut lab.clients[web]);
+        assert_eq!(to_agent.len(), 1);
+        assert_eq!(to_connector.len(), 1);
+        let srflx = |addr| vec![Candidate::new(CandidateKind::ServerReflexive, addr)];
+        assert_eq!((to_agent[0].0, &to_agent[0].2), (session, &srflx(c)), "the agent learns the connector's mapping");
+        assert_eq!((to_connector[0].0, &to_connector[0].2), (session, &srflx(a)));
+        assert_eq!(to_agent[0].1, to_connector[0].1, "both sides share the session's punch token");
+    }
+}
+
+#[test]
+fn candidates_reach_only_the_other_party_of_their_session() {
+    for (agent_home, connector_home) in PLACEMENTS {
+        let (mut lab, alice, web, session) = Lab::with_session(agent_home, connector_home);
+        let token = peer_candidates(&mut lab.clients[web])[0].1;
+        peer_candidates(&mut lab.clients[alice]);
+        let host = vec![Candidate::new(CandidateKind::Host, "192.0.2.2:6000".parse().unwrap())];
+        lab.clients[alice].send(&Message::Candidates { session, candidates: host.clone() });
+        lab.run();
+        assert_eq!(peer_candidates(&mut lab.clients[web]), vec![(session, token, host.clone())]);
+        let conn_host = vec![Candidate::new(CandidateKind::Host, "[2001:db8:c::2]:5000".parse().unwrap())];
+        lab.clients[web].send(&Message::Candidates { session, candidates: conn_host.clone() });
+        lab.run();
+        assert_eq!(peer_candidates(&mut lab.clients[alice]), vec![(session, token, conn_host)]);
+        assert_eq!(signal_count(&lab, "candidates", "forwarded"), 2);
+
+        // Bob is authenticated but not in the session: nothing reaches anyone, and it counts.
+        let bob = lab.connect("agent", "bob", "192.0.2.66:7000", connector_home);
+        lab.clients[bob].send(&Message::Candidates { session, candidates: host.clone() });
+        lab.clients[bob].send(&Message::PathStatus { session, direct: true });
+        lab.run();
+        assert!(peer_candidates(&mut lab.clients[web]).is_empty());
+        assert!(peer_candidates(&mut lab.clients[alice]).is_empty());
+        assert_eq!(signal_count(&lab, "candidates", "not_a_party"), 1);
+        assert_eq!(signal_count(&lab, "path_status", "not_a_party"), 1);
+        assert_eq!(lab.shared.metrics.sessions_direct.get(), 0);
+    }
+}
+
+#[test]
+fn a_direct_session_is_counted_and_not_expired_while_both_sides_stay() {
+    let (mut lab, alice, web, session) = Lab::with_session(0, 1);
+    lab.clients[alice].send(&Message::PathStatus { session, direct: true });
+    lab.clients[web].send(&Message::PathStatus { session, direct: true });
+    lab.run();
+    assert_eq!(lab.shared.metrics.sessions_direct.get(), 1, "one session, however many sides report it");
+    assert_eq!(signal_count(&lab, "path_status", "recorded"), 2);
+    let idle = lab.shared.config.limits.session_idle_timeout();
+    lab.advance(idle * 2);
+    assert!(lab.clients[alice].closed_sessions().is_empty(), "the relay path stays warm while direct");
+    lab.clients[alice].send(&Message::PathStatus { session, direct: false });
+    lab.clients[web].send(&Message::PathStatus { session, direct: false });
+    lab.run();
+    assert_eq!(lab.shared.metrics.sessions_direct.get(), 0);
+    lab.advance(idle + Duration::from_secs(1));
+    assert_eq!(lab.clients[alice].closed_sessions(), vec![(session, ErrorCode::IdleTimeout)], "relayed and idle again");
+
+    // A direct session that ends takes its count with it.
+    let (mut lab, alice, _web, session) = Lab::with_session(0, 0);
+    lab.clients[alice].send(&Message::PathStatus { session, direct: true });
+    lab.run();
+    assert_eq!(lab.shared.metrics.sessions_direct.get(), 1);
+    lab.clients[alice].send(&Message::CloseSession { session });
+    lab.run();
+    assert_eq!(lab.shared.metrics.sessions_direct.get(), 0);
 }
