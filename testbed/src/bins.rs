@@ -39,3 +39,9 @@ pub fn on_path(program: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// Path of `ztna-delayline` (testbed/src/bin/ztna-delayline.rs), the user-space layer-2 delay
+/// line that labs put on a link for a one-way delay (the kernel here has no `tc netem`).
+pub fn delayline() -> Result<PathBuf> {
+    find("ztna-delayline")
+}
