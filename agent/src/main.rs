@@ -10,7 +10,7 @@ mod forward;
 use ztna_client::ControlClient;
 use ztna_client::engine::agent::Agent;
 use ztna_client::engine::{Engine, EngineConfig};
-use ztna_client::target::RelayArgs;
+use ztna_client::target::{DirectArgs, RelayArgs};
 use ztna_proto::Message;
 
 #[global_allocator]
@@ -29,6 +29,8 @@ enum Command {
     Run {
         #[command(flatten)]
         relay: RelayArgs,
+        #[command(flatten)]
+        direct: DirectArgs,
         /// TCP forward [bind:]port:service (bind defaults to 127.0.0.1); repeatable.
         #[arg(short = 'L', long = "tcp")]
         tcp: Vec<String>,
@@ -58,9 +60,9 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { relay, tcp, udp, config, metrics } => {
+        Command::Run { relay, direct, tcp, udp, config, metrics } => {
             ztna_client::cli::init_logging("info");
-            ztna_client::cli::run("ztna-agent", run(relay, tcp, udp, config, metrics))
+            ztna_client::cli::run("ztna-agent", run(relay, direct, tcp, udp, config, metrics))
         }
         Command::Check { relay, service, json } => {
             ztna_client::cli::init_logging("warn");
@@ -82,6 +84,7 @@ struct AgentFile {
 
 async fn run(
     relay: RelayArgs,
+    direct: DirectArgs,
     mut tcp: Vec<String>,
     mut udp: Vec<String>,
     config: Option<std::path::PathBuf>,
@@ -115,6 +118,7 @@ async fn run(
         tls: relay.tls("agent", "alice"),
         software: concat!("ztna-agent/", env!("CARGO_PKG_VERSION")).into(),
         connect_timeout: relay.timeout(),
+        direct: direct.config()?,
     };
     let engine = Engine::new(cfg, metrics, |_| Agent::new(services))?;
     for f in tcp {

@@ -106,8 +106,20 @@ pub fn bind_client_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     ztna_sockopt::grow_buffers(&sock, CLIENT_SOCKET_BUFFER);
     sock.set_nonblocking(true)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // Dual stack: one socket for the relay and for direct paths of either family.
+        sock.set_only_v6(false)?;
+    }
     sock.bind(&addr.into())?;
     UdpSocket::from_std(sock.into())
+}
+
+/// The engine's socket: dual-stack on `[::]` so direct paths can use IPv6 host candidates
+/// whichever family the relay has; bound to the source address towards the relay where
+/// the host has no IPv6.
+pub fn bind_engine_socket(relay: SocketAddr) -> std::io::Result<UdpSocket> {
+    bind_client_socket((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
+        .or_else(|_| bind_client_socket(SocketAddr::new(source_ip_for(relay)?, 0)))
 }
 
 pub struct ControlCore {
@@ -296,7 +308,7 @@ impl ControlClient {
         software: &str,
         timeout: Duration,
     ) -> Result<ControlClient, ClientError> {
-        let socket = bind_client_socket(SocketAddr::new(source_ip_for(relay)?, 0))?;
+        let socket = bind_engine_socket(relay)?;
         Self::connect_on(socket, relay, server_name, tls, software, timeout).await
     }
 

@@ -3,8 +3,10 @@
 //! socket.
 
 pub mod backoff;
+pub mod candidates;
 pub mod cli;
 pub mod control;
+pub mod direct;
 pub mod engine;
 pub mod flows;
 pub mod keepalive;

@@ -3,7 +3,16 @@
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::direct::Punch;
+
+type Labels = Vec<(String, String)>;
+
+fn label(name: &str, value: &str) -> Labels {
+    vec![(name.to_string(), value.to_string())]
+}
 
 pub struct ClientMetrics {
     pub registry: Registry,
@@ -16,7 +25,13 @@ pub struct ClientMetrics {
     pub bytes_from_peer: Counter,
     pub udp_dropped_oversize: Counter,
     pub reconnects: Counter,
-    path: Family<Vec<(String, String)>, Gauge>,
+    tunnels: Family<Labels, Gauge>,
+    path_switches: Family<Labels, Counter>,
+    punch_attempts: Family<Labels, Counter>,
+    punches_received: Family<Labels, Counter>,
+    pub punches_sent: Counter,
+    direct_rejected: Family<Labels, Counter>,
+    time_to_direct: Histogram,
 }
 
 impl ClientMetrics {
@@ -32,7 +47,14 @@ impl ClientMetrics {
             bytes_from_peer: Counter::default(),
             udp_dropped_oversize: Counter::default(),
             reconnects: Counter::default(),
-            path: Family::default(),
+            tunnels: Family::default(),
+            path_switches: Family::default(),
+            punch_attempts: Family::default(),
+            punches_received: Family::default(),
+            punches_sent: Counter::default(),
+            direct_rejected: Family::default(),
+            // 5 ms .. about 20 s.
+            time_to_direct: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
         };
         registry.register("sessions", "Open end-to-end tunnels (one per relay session)", m.sessions.clone());
         registry.register("streams", "Open tunnelled TCP flows", m.streams.clone());
@@ -45,17 +67,93 @@ impl ClientMetrics {
             m.udp_dropped_oversize.clone(),
         );
         registry.register("reconnects", "Control connections re-established after a loss", m.reconnects.clone());
-        registry.register("path", "1 for the path tunnels currently use (relay or direct)", m.path.clone());
-        m.set_path(None);
+        registry.register("tunnels", "Open tunnels by the path their traffic takes (relay or direct)", m.tunnels.clone());
+        registry.register(
+            "path_switches",
+            "Tunnels moved between paths, by direction (relay_to_direct, direct_to_relay)",
+            m.path_switches.clone(),
+        );
+        registry.register(
+            "punch_attempts",
+            "Hole-punching attempts by outcome (direct: a direct path was taken; failed: none validated in time)",
+            m.punch_attempts.clone(),
+        );
+        registry.register(
+            "punches_received",
+            "PUNCH frames received, by what they were (known, learned a peer-reflexive address, rejected)",
+            m.punches_received.clone(),
+        );
+        registry.register("punches_sent", "PUNCH frames sent", m.punches_sent.clone());
+        registry.register(
+            "direct_rejected",
+            "Datagrams from outside the relay that were refused (not_authentic: not a packet of the tunnel; unknown_session; direct_off: direct paths are off)",
+            m.direct_rejected.clone(),
+        );
+        registry.register_with_unit(
+            "time_to_direct",
+            "From a tunnel's start to its first move onto a direct path",
+            prometheus_client::registry::Unit::Seconds,
+            m.time_to_direct.clone(),
+        );
+        for p in ["relay", "direct"] {
+            let _ = m.tunnels.get_or_create(&label("path", p));
+        }
+        for d in ["relay_to_direct", "direct_to_relay"] {
+            let _ = m.path_switches.get_or_create(&label("direction", d));
+        }
+        for o in ["direct", "failed"] {
+            let _ = m.punch_attempts.get_or_create(&label("outcome", o));
+        }
+        for o in ["known", "learned", "rejected"] {
+            let _ = m.punches_received.get_or_create(&label("result", o));
+        }
+        for r in ["not_authentic", "unknown_session", "direct_off"] {
+            let _ = m.direct_rejected.get_or_create(&label("reason", r));
+        }
         ClientMetrics { registry, ..m }
     }
 
-    /// Which path tunnels use now; `None` when there is no relay connection.
-    pub fn set_path(&self, current: Option<&str>) {
-        for p in ["relay", "direct", "none"] {
-            let on = current.unwrap_or("none") == p;
-            self.path.get_or_create(&vec![("path".to_string(), p.to_string())]).set(on as i64);
+    /// A tunnel left path `from` (`None`: it is new) for `to` (`None`: it closed).
+    pub fn tunnel_path(&self, from: Option<&str>, to: Option<&str>) {
+        if let Some(p) = from {
+            self.tunnels.get_or_create(&label("path", p)).dec();
         }
+        if let Some(p) = to {
+            self.tunnels.get_or_create(&label("path", p)).inc();
+        }
+    }
+
+    /// A tunnel switched to a direct path (`to_direct`) or back; `first_direct`: its first
+    /// move to a direct path, this long after it began.
+    pub fn switched(&self, to_direct: bool, first_direct: Option<std::time::Duration>) {
+        if to_direct {
+            self.tunnel_path(Some("relay"), Some("direct"));
+            self.path_switches.get_or_create(&label("direction", "relay_to_direct")).inc();
+            self.punch_attempts("direct");
+            if let Some(d) = first_direct {
+                self.time_to_direct.observe(d.as_secs_f64());
+            }
+        } else {
+            self.tunnel_path(Some("direct"), Some("relay"));
+            self.path_switches.get_or_create(&label("direction", "direct_to_relay")).inc();
+        }
+    }
+
+    pub fn punch_attempts(&self, outcome: &str) {
+        self.punch_attempts.get_or_create(&label("outcome", outcome)).inc();
+    }
+
+    pub fn punch_received(&self, what: Punch) {
+        let result = match what {
+            Punch::Known => "known",
+            Punch::Learned => "learned",
+            Punch::Rejected => "rejected",
+        };
+        self.punches_received.get_or_create(&label("result", result)).inc();
+    }
+
+    pub fn direct_rejected(&self, reason: &str) {
+        self.direct_rejected.get_or_create(&label("reason", reason)).inc();
     }
 }
 

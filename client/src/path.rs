@@ -1,8 +1,13 @@
-//! The path layer: the end-to-end QUIC connection addresses a stable virtual peer, and this
-//! layer decides how each of its packets really travels (PROTOCOL.md §13.7). Today that is
-//! always via the relay, in a DATA frame of the session. The direct path after hole punching
-//! belongs here too: its own label per real path (so quiche keeps RTT, congestion window and
-//! MTU per path and validates a path before using it), and the relay as the warm fallback.
+//! The path layer: how each packet of the end-to-end QUIC connection really travels
+//! (PROTOCOL.md §13.7, §14). Every packet is a DATA frame of the session; it goes via the
+//! relay, or straight to the peer once a direct path is validated ([`crate::direct`] decides
+//! which). quiche sees each real path as its own path, so RTT, congestion window and MTU are
+//! kept per path and a new path starts fresh, and it validates a path before using it; the
+//! relay path stays as the warm fallback.
+//!
+//! **Addresses as quiche sees them.** The relay path is a pair of labels (below); a direct
+//! path is this side's label and the peer's real address, so the address quiche sends a
+//! packet to *is* where the packet goes.
 //!
 //! **Virtual addresses.** quiche wants an address pair for every packet. The tunnel gives it
 //! labels from `100::/64`, the IPv6 discard-only prefix (RFC 6666): no host has such an
@@ -15,6 +20,8 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use ztna_proto::SessionId;
 use ztna_proto::frame::{self, DATA_HEADER_LEN, Frame, write_data_header};
+
+use crate::direct::{DirectPaths, Role};
 
 /// The agent's end of the relay path, as quiche sees it.
 pub const VIRTUAL_AGENT: SocketAddr = label(1, 1);
@@ -62,6 +69,7 @@ impl Side {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
     Relay(SocketAddr),
+    Direct(SocketAddr),
 }
 
 impl Path {
@@ -69,6 +77,7 @@ impl Path {
     pub fn name(&self) -> &'static str {
         match self {
             Path::Relay(_) => "relay",
+            Path::Direct(_) => "direct",
         }
     }
 }
@@ -78,7 +87,8 @@ impl Path {
 pub struct PathLayer {
     session: SessionId,
     side: Side,
-    current: Path,
+    relay: SocketAddr,
+    pub direct: DirectPaths,
 }
 
 impl PathLayer {
@@ -88,11 +98,19 @@ impl PathLayer {
     /// The agent's side of a tunnel carried by the relay; the tunnel says which side it is
     /// ([`for_side`](Self::for_side)).
     pub fn via_relay(session: SessionId, relay: SocketAddr) -> Self {
-        PathLayer { session, side: Side::Agent, current: Path::Relay(relay) }
+        PathLayer { session, side: Side::Agent, relay, direct: DirectPaths::new(Role::Controlling) }
     }
 
     pub fn for_side(self, side: Side) -> Self {
-        PathLayer { side, ..self }
+        let role = match side {
+            Side::Agent => Role::Controlling,
+            Side::Connector => Role::Controlled,
+        };
+        PathLayer { side, direct: DirectPaths::new(role), ..self }
+    }
+
+    pub fn relay(&self) -> SocketAddr {
+        self.relay
     }
 
     pub fn session(&self) -> SessionId {
@@ -100,7 +118,10 @@ impl PathLayer {
     }
 
     pub fn current(&self) -> Path {
-        self.current
+        match self.direct.active() {
+            Some(peer) => Path::Direct(peer),
+            None => Path::Relay(self.relay),
+        }
     }
 
     /// This end's and the peer's labels, for quiche.
@@ -117,28 +138,32 @@ impl PathLayer {
         quiche::RecvInfo { from: self.peer_label(), to: self.local_label() }
     }
 
-    /// The tunnel packet inside `datagram`, if it is a DATA frame of this session that came
-    /// from the relay; anything else is not this tunnel's to read.
+    /// The tunnel packet inside `datagram`, if it is a DATA frame of this session: from the
+    /// relay it came on the relay path, from anywhere else on a direct path (quiche decides
+    /// whether it is authentic; nothing else is trusted about it). Anything else is not this
+    /// tunnel's to read.
     pub fn unwrap<'a>(&self, datagram: &'a mut [u8], from: SocketAddr) -> Option<(&'a mut [u8], quiche::RecvInfo)> {
         let Ok(Frame::Data { session, .. }) = Frame::parse(datagram) else { return None };
-        let Path::Relay(relay) = self.current;
-        if session != self.session || from != relay {
+        if session != self.session || is_label(from) {
             return None;
         }
-        Some((&mut datagram[frame::DATA_HEADER_LEN..], self.recv_info()))
+        let info = if from == self.relay { self.recv_info() } else { quiche::RecvInfo { from, to: self.local_label() } };
+        Some((&mut datagram[frame::DATA_HEADER_LEN..], info))
     }
 
     /// Frames the tunnel packet that sits at `buf[HEADROOM..HEADROOM + len]` in place and
-    /// says where the datagram goes. `to` is the label quiche addressed; a label this layer
-    /// did not hand out has no path (`None`).
+    /// says where the datagram goes: the peer's label means the relay, a real address is a
+    /// direct path. Another label has no path (`None`).
     pub fn wrap(&self, buf: &mut [u8], len: usize, to: SocketAddr) -> Option<(usize, SocketAddr)> {
-        if to != self.peer_label() {
+        let dest = if to == self.peer_label() {
+            self.relay
+        } else if !is_label(to) {
+            to
+        } else {
             return None;
-        }
+        };
         write_data_header(&self.session, buf.first_chunk_mut::<DATA_HEADER_LEN>()?);
-        match self.current {
-            Path::Relay(relay) => Some((DATA_HEADER_LEN + len, relay)),
-        }
+        Some((DATA_HEADER_LEN + len, dest))
     }
 }
 
@@ -199,7 +224,8 @@ mod tests {
         let path = PathLayer::via_relay(SESSION, relay());
         let mut buf = [0u8; 64];
         assert_eq!(path.wrap(&mut buf, 5, VIRTUAL_AGENT), None, "our own label is not a destination");
-        assert_eq!(path.wrap(&mut buf, 5, relay()), None, "a real address is not a label");
+        let direct: SocketAddr = "203.0.113.3:5000".parse().unwrap();
+        assert_eq!(path.wrap(&mut buf, 5, direct).map(|(_, to)| to), Some(direct), "a real address is a direct path");
         assert_eq!(path.wrap(&mut [0u8; 4], 0, VIRTUAL_CONNECTOR), None, "no room for the header");
         let connector = path.for_side(Side::Connector);
         assert_eq!(connector.wrap(&mut buf, 5, VIRTUAL_AGENT).map(|(_, to)| to), Some(relay()));
@@ -225,7 +251,10 @@ mod tests {
         let path = PathLayer::via_relay(SESSION, relay());
         let other = SessionId([0x01, 2, 3, 4, 5, 6, 7, 9]);
         assert!(path.unwrap(&mut frame_of(&other, b"x"), relay()).is_none(), "another session");
-        assert!(path.unwrap(&mut frame_of(&SESSION, b"x"), "192.0.2.9:4433".parse().unwrap()).is_none(), "not the relay");
+        let peer: SocketAddr = "192.0.2.9:4433".parse().unwrap();
+        let (_, info) = path.unwrap(&mut frame_of(&SESSION, b"x"), peer).unwrap();
+        assert_eq!((info.from, info.to), (peer, VIRTUAL_AGENT), "a direct packet is the peer's real address to quiche");
+        assert!(path.unwrap(&mut frame_of(&SESSION, b"x"), VIRTUAL_CONNECTOR).is_none(), "never from a label");
         assert!(path.unwrap(&mut [0x40, 1, 2, 3], relay()).is_none(), "a QUIC packet");
         assert!(path.unwrap(&mut [frame::TYPE_DATA, 1, 2], relay()).is_none(), "a short DATA frame");
         let mut probe = Vec::new();

@@ -36,6 +36,27 @@ pub struct RelayArgs {
     pub timeout: f64,
 }
 
+/// Direct peer-to-peer paths (hole punching, with the relay as the fallback).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DirectArgs {
+    /// `on`: punch holes and move tunnels onto direct paths when they validate, keeping the
+    /// relay as the fallback; `off`: every byte goes through the relay, and this side
+    /// neither punches nor accepts packets from anyone but the relay.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub direct: String,
+    /// Advertise as host candidates only interface addresses inside these prefixes
+    /// (comma-separated, e.g. 192.0.2.0/24,2001:db8::/32). Default: every usable address.
+    #[arg(long, value_delimiter = ',')]
+    pub host_candidates: Vec<String>,
+}
+
+impl DirectArgs {
+    pub fn config(&self) -> Result<crate::candidates::DirectConfig> {
+        let prefixes = self.host_candidates.iter().map(|p| crate::candidates::Prefix::parse(p)).collect::<Result<_>>()?;
+        Ok(crate::candidates::DirectConfig { enabled: self.direct == "on", host_prefixes: prefixes })
+    }
+}
+
 impl RelayArgs {
     pub fn tls(&self, kind: &str, default_name: &str) -> ClientTls {
         let name = self.name.as_deref().unwrap_or(default_name);

@@ -38,7 +38,9 @@ impl ClientTls {
         c.set_initial_max_streams_bidi(if server { crate::tunnel::MAX_STREAMS } else { 0 });
         c.set_initial_max_streams_uni(0);
         c.enable_dgram(true, 1024, 1024);
-        c.set_disable_active_migration(true);
+        // The agent moves the connection between the relay path and direct paths.
+        c.set_disable_active_migration(false);
+        c.set_active_connection_id_limit(crate::tunnel::ACTIVE_CONNECTION_IDS);
         Ok(c)
     }
 

@@ -2,14 +2,17 @@
 //! for one relay session, mutually authenticated with certificates from the deployment CA.
 //! The relay only ever sees its packets as opaque DATA-frame payloads.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use ztna_proto::SessionId;
+use ztna_proto::candidate::{Candidate, PUNCH_TOKEN_LEN};
 use ztna_proto::identity::Identity;
 
+use crate::direct::{Action, Punch};
 use crate::keepalive::KeepAlive;
-use crate::path::{PathLayer, Side};
+use crate::path::{PathLayer, Side, is_label};
 
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Keep-alive inside the idle timeout, so an idle tunnel (and its NAT mappings) stays up.
@@ -25,6 +28,28 @@ pub const MAX_STREAMS: u64 = 1024;
 /// UDP flows with no traffic for this long are forgotten (the connector closes its backend
 /// socket, the agent's forward forgets the client address).
 pub const UDP_FLOW_IDLE: Duration = Duration::from_secs(60);
+
+/// Connection ids each side keeps issued to the other, so the agent can probe several
+/// direct paths and both can move between paths (quiche needs a fresh id per new path).
+pub const ACTIVE_CONNECTION_IDS: u64 = 8;
+
+/// A change of the path the tunnel uses, for the engine to report (PathStatus, metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathChange {
+    /// Moved to the direct path to this address.
+    Direct(SocketAddr),
+    /// Back on the relay path.
+    Relay,
+}
+
+/// What one punching round asks of the engine besides quiche.
+#[derive(Debug, Default)]
+pub struct PathWork {
+    /// PUNCH frames to send.
+    pub punches: Vec<SocketAddr>,
+    /// Attempts that ended without a direct path.
+    pub failed_attempts: u32,
+}
 
 /// QUIC stream error codes of the tunnel (RESET_STREAM / STOP_SENDING).
 pub mod stream_error {
@@ -49,6 +74,13 @@ pub struct Tunnel {
     /// The agent keeps idle tunnels alive; the connector only answers.
     keepalive: Option<KeepAlive>,
     next_stream: u64,
+    /// When the tunnel was opened (for the time-to-direct histogram).
+    pub opened: Instant,
+    /// It has been on a direct path before (only the first move counts as time to direct).
+    pub was_direct: bool,
+    /// Path changes not yet reported by the engine.
+    changes: Vec<PathChange>,
+    actions: Vec<Action>,
 }
 
 impl Tunnel {
@@ -106,32 +138,146 @@ impl Tunnel {
             keepalive: (side == Side::Agent).then(|| KeepAlive::new(KEEPALIVE)),
             // Client-initiated bidirectional streams: 0, 4, 8, ...
             next_stream: 0,
+            opened: Instant::now(),
+            was_direct: false,
+            changes: Vec::new(),
+            actions: Vec::new(),
         }
     }
 
-    /// A tunnel packet (a DATA frame's payload) from the peer, on the relay path.
-    pub fn recv(&mut self, packet: &mut [u8]) {
-        // A packet quiche rejects is dropped; loss recovery covers it.
-        let _ = self.conn.recv(packet, self.path.recv_info());
+    /// A DATA frame for this tunnel's session, from the relay or straight from the peer.
+    /// False when a direct one was not an authentic packet of this connection (counted by
+    /// the caller); a relayed one quiche rejects is dropped and loss recovery covers it.
+    pub fn recv_frame(&mut self, datagram: &mut [u8], from: SocketAddr, now: Instant) -> bool {
+        let Some((packet, info)) = self.path.unwrap(datagram, from) else { return true };
+        if from == self.path.relay() {
+            let _ = self.conn.recv(packet, info);
+            self.path_events(now);
+            return true;
+        }
+        // quiche drops what it cannot decrypt without an error: its count of processed
+        // packets says whether this one was authentic.
+        let before = self.conn.stats().recv;
+        let _ = self.conn.recv(packet, info);
+        let authentic = self.conn.stats().recv > before;
+        if authentic {
+            let validated = self.conn.is_path_validated(info.to, from).unwrap_or(false);
+            if let Some(a) = self.path.direct.on_authenticated_rx(from, validated, now) {
+                self.apply(a, now, &mut PathWork::default());
+            }
+        }
+        self.path_events(now);
+        authentic
     }
 
-    /// A datagram for this tunnel's session: the path layer takes what is really ours.
-    pub fn recv_frame(&mut self, datagram: &mut [u8], from: std::net::SocketAddr) {
-        if let Some((packet, info)) = self.path.unwrap(datagram, from) {
-            let _ = self.conn.recv(packet, info);
+    /// The peer's candidates and the session's punch token, relayed.
+    pub fn add_candidates(&mut self, token: [u8; PUNCH_TOKEN_LEN], candidates: &[Candidate], now: Instant) {
+        self.path.direct.add_candidates(token, candidates, now);
+    }
+
+    /// A PUNCH frame for this session from `from`.
+    pub fn on_punch(&mut self, from: SocketAddr, token: &[u8; PUNCH_TOKEN_LEN], now: Instant) -> Punch {
+        self.path.direct.on_punch(from, token, now)
+    }
+
+    /// Path changes since the last call.
+    pub fn take_changes(&mut self) -> impl Iterator<Item = PathChange> + '_ {
+        self.changes.drain(..)
+    }
+
+    /// Runs the direct-path schedule: probes, pings and migrations go to quiche here; the
+    /// punches to send are added to `work`.
+    pub fn drive_paths(&mut self, now: Instant, work: &mut PathWork) {
+        if self.conn.is_established() {
+            self.issue_connection_ids();
+        }
+        let can_probe = self.conn.is_established() && self.conn.available_dcids() > 0;
+        let mut actions = std::mem::take(&mut self.actions);
+        self.path.direct.poll(now, can_probe, &mut actions);
+        for a in actions.drain(..) {
+            self.apply(a, now, work);
+        }
+        self.actions = actions;
+    }
+
+    fn apply(&mut self, action: Action, now: Instant, work: &mut PathWork) {
+        let local = self.path.local_label();
+        match action {
+            Action::Punch(to) => work.punches.push(to),
+            Action::Probe(to) => {
+                // Out of connection ids or paths: the next round tries again.
+                let _ = self.conn.probe_path(local, to);
+            }
+            Action::Ping(to) => {
+                let _ = self.conn.send_ack_eliciting_on_path(local, to);
+            }
+            Action::Migrate(to) => {
+                if self.conn.migrate(local, to).is_ok() {
+                    self.path.direct.now_direct(to, now);
+                    self.changes.push(PathChange::Direct(to));
+                }
+            }
+            Action::FallBack(_) => {
+                if self.conn.migrate(local, self.path.peer_label()).is_ok() {
+                    self.path.direct.now_relayed(now);
+                    self.changes.push(PathChange::Relay);
+                }
+            }
+            Action::AttemptFailed => work.failed_attempts += 1,
+        }
+    }
+
+    /// What quiche says about paths: the agent's probes answered or failed; the agent's
+    /// migrations, as the connector sees them.
+    fn path_events(&mut self, now: Instant) {
+        while let Some(ev) = self.conn.path_event_next() {
+            match ev {
+                quiche::PathEvent::Validated(_, peer) => {
+                    if let Some(a) = self.path.direct.on_validated(peer, now) {
+                        self.apply(a, now, &mut PathWork::default());
+                    }
+                }
+                quiche::PathEvent::PeerMigrated(_, peer) if self.side == Side::Connector => {
+                    let was = self.path.direct.active();
+                    if is_label(peer) {
+                        if was.is_some() {
+                            self.path.direct.now_relayed(now);
+                            self.changes.push(PathChange::Relay);
+                        }
+                    } else if was != Some(peer) {
+                        self.path.direct.now_direct(peer, now);
+                        self.changes.push(PathChange::Direct(peer));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Keeps the peer supplied with spare connection ids (each new path takes one).
+    fn issue_connection_ids(&mut self) {
+        while self.conn.scids_left() > 0 {
+            let scid: [u8; 16] = rand::random();
+            if self.conn.new_scid(&quiche::ConnectionId::from_ref(&scid), rand::random(), false).is_err() {
+                break;
+            }
         }
     }
 
     /// The next framed datagram to send: written into `buf` with the frame header in front.
-    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<(usize, std::net::SocketAddr)> {
+    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
         let room = (buf.len() - PathLayer::HEADROOM).min(MAX_TUNNEL_PACKET);
         loop {
             let (n, info) = self.conn.send(&mut buf[PathLayer::HEADROOM..PathLayer::HEADROOM + room]).ok()?;
+            let now = Instant::now();
             if let Some(k) = &mut self.keepalive {
-                k.sent(Instant::now());
+                k.sent(now);
             }
-            // quiche only addresses the label it was given, so this always maps; a packet
-            // for a label without a path would be lost, and loss recovery covers that.
+            if !is_label(info.to) {
+                self.path.direct.on_direct_tx(now);
+            }
+            // quiche addresses only the peer's label or a real address it has a path to, so
+            // this always maps; anything else would be lost, and loss recovery covers that.
             if let Some(framed) = self.path.wrap(buf, n, info.to) {
                 return Some(framed);
             }
@@ -154,9 +300,13 @@ impl Tunnel {
     }
 
     pub fn timeout(&self, now: Instant) -> Option<Duration> {
-        match &self.keepalive {
+        let quic = match &self.keepalive {
             Some(k) => k.timeout(&self.conn, now),
             None => self.conn.timeout(),
+        };
+        match (quic, self.path.direct.timeout(now)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use ztna_client::engine::connector::{Backend, Connector};
 use ztna_client::engine::{Engine, EngineConfig};
 use ztna_client::metrics::ClientMetrics;
-use ztna_client::target::RelayArgs;
+use ztna_client::target::{DirectArgs, RelayArgs};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -23,6 +23,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(flatten)]
     relay: RelayArgs,
+    #[command(flatten)]
+    direct: DirectArgs,
     /// A service to serve: NAME=HOST:PORT (TCP) or NAME=udp:HOST:PORT; repeatable.
     #[arg(long = "service", required = true)]
     services: Vec<String>,
@@ -82,6 +84,7 @@ async fn run(cli: Cli) -> Result<()> {
         tls: cli.relay.tls("connector", "web-1"),
         software: concat!("ztna-connector/", env!("CARGO_PKG_VERSION")).into(),
         connect_timeout: cli.relay.timeout(),
+        direct: cli.direct.config()?,
     };
     let engine = Engine::new(cfg, metrics, |events| Connector::new(backends, events))?;
     match cli.run_for {

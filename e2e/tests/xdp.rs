@@ -87,7 +87,7 @@ impl Run {
             .spawn(
                 Host::Conn,
                 &bin("ztna-connector"),
-                &["--relay", relay_conn_side, "--pki-dir", &s(&d), "--name", "web-1", "--service", "web=localhost:8000"],
+                &["--relay", relay_conn_side, "--direct", "off", "--pki-dir", &s(&d), "--name", "web-1", "--service", "web=localhost:8000"],
                 &conn_log,
             )
             .unwrap();
@@ -97,7 +97,7 @@ impl Run {
             .spawn(
                 Host::Agent,
                 &bin("ztna-agent"),
-                &["run", "--relay", relay_agent_side, "--pki-dir", &s(&d), "--name", "alice", "-L", &format!("{port}:web")],
+                &["run", "--relay", relay_agent_side, "--direct", "off", "--pki-dir", &s(&d), "--name", "alice", "-L", &format!("{port}:web")],
                 &agent_log,
             )
             .unwrap();

@@ -15,9 +15,15 @@ use crate::relay::test_log_level;
 /// How long a connector may take to register with the relay.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// These helpers run agent and connector on one host, where a "direct path" would be
+/// loopback: they measure and test the relay path, so direct paths are off (the NAT lab
+/// tests direct paths between namespaces).
+const RELAY_PATH_ONLY: [&str; 2] = ["--direct", "off"];
+
 /// `ztna-connector` arguments: serve `services` (`name=host:port`, `name=udp:host:port`).
 pub fn connector_args(relay: SocketAddr, pki_dir: &Path, name: &str, services: &[String]) -> Vec<String> {
     let mut v: Vec<String> = vec!["--relay".into(), relay.to_string(), "--pki-dir".into(), pki_dir.display().to_string()];
+    v.extend(RELAY_PATH_ONLY.map(String::from));
     v.extend(["--name".into(), name.into()]);
     for s in services {
         v.extend(["--service".into(), s.clone()]);
@@ -28,6 +34,7 @@ pub fn connector_args(relay: SocketAddr, pki_dir: &Path, name: &str, services: &
 /// `ztna-agent run` arguments with `forwards` (`-L`/`-U` flags and their values).
 pub fn agent_args(relay: SocketAddr, pki_dir: &Path, name: &str, forwards: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = vec!["run".into(), "--relay".into(), relay.to_string(), "--pki-dir".into(), pki_dir.display().to_string()];
+    v.extend(RELAY_PATH_ONLY.map(String::from));
     v.extend(["--name".into(), name.into()]);
     v.extend(forwards.iter().map(|s| s.to_string()));
     v

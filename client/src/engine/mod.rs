@@ -25,17 +25,20 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
+use ztna_proto::candidate::{Candidate, CandidateKind, PUNCH_TOKEN_LEN};
 use ztna_proto::frame::{self, Frame};
 use ztna_proto::tunnel::UdpDatagram;
 use ztna_proto::{ErrorCode, Message, SessionId};
 
 use crate::backoff::Backoff;
+use crate::candidates::host_candidates;
 use crate::control::{ClientError, ControlClient, ControlCore, RelayInfo};
+use crate::direct::Punch;
 use crate::flows::{FlowEvent, FlowKey};
 use crate::metrics::ClientMetrics;
 use crate::path::{PathLayer, Side};
 use crate::tls::ClientTls;
-use crate::tunnel::Tunnel;
+use crate::tunnel::{PathChange, PathWork, Tunnel};
 use streams::Streams;
 
 /// The tracing target of the engine's log lines (`ztna_client::engine: lost the relay`).
@@ -43,6 +46,9 @@ pub const LOG: &str = "ztna_client::engine";
 const MAX_DATAGRAM: usize = 2048;
 /// Datagrams taken from the socket per wake-up before servicing timers and sending.
 const RECV_BATCH: usize = 64;
+/// Peer candidates kept for sessions whose tunnel has not started yet (the connector hears
+/// of them with the offer, before the agent's first packet).
+const MAX_PENDING_CANDIDATES: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -51,6 +57,7 @@ pub struct EngineConfig {
     pub tls: ClientTls,
     pub software: String,
     pub connect_timeout: Duration,
+    pub direct: crate::candidates::DirectConfig,
 }
 
 /// What an agent or a connector adds to the core. Every hook gets the core, so a role can
@@ -105,6 +112,11 @@ pub struct Core {
     ever_connected: bool,
     tunnel_config: quiche::Config,
     tunnels: HashMap<SessionId, Tunnel>,
+    /// Relayed peer candidates of sessions without a tunnel yet.
+    pending_candidates: HashMap<SessionId, ([u8; PUNCH_TOKEN_LEN], Vec<Candidate>)>,
+    /// Our address as the relay last reported it (QAD): a change is a new candidate.
+    observed: Option<SocketAddr>,
+    path_work: PathWork,
     streams: Streams,
     /// Datagrams to handle again, as if just received (frames that beat their offer, frames
     /// that arrived while the control connection was being set up).
@@ -147,9 +159,32 @@ impl Core {
             Side::Agent => Tunnel::connect(session, service, peer_identity, path, config)?,
             Side::Connector => Tunnel::accept(session, service, peer_identity, path, config)?,
         };
+        let mut t = t;
+        if let Some((token, candidates)) = self.pending_candidates.remove(&session) {
+            t.add_candidates(token, &candidates, Instant::now());
+        }
         self.tunnels.insert(session, t);
         self.metrics.sessions.inc();
+        self.metrics.tunnel_path(None, Some("relay"));
+        self.announce_candidates(session, None);
         Ok(())
+    }
+
+    /// Tells the peer (through the relay) where else it may reach us: our interfaces, and
+    /// `reflexive` when the relay reported a new mapping mid-session (it announced the
+    /// first one itself).
+    fn announce_candidates(&mut self, session: SessionId, reflexive: Option<SocketAddr>) {
+        if !self.cfg.direct.enabled {
+            return;
+        }
+        let Some(local) = self.socket.as_ref().and_then(|s| s.local_addr().ok()) else { return };
+        let mut candidates = host_candidates(local, &self.cfg.direct);
+        if let Some(addr) = reflexive {
+            candidates.insert(0, Candidate::new(CandidateKind::ServerReflexive, addr));
+        }
+        if !candidates.is_empty() {
+            self.send_control(&Message::Candidates { session, candidates });
+        }
     }
 
     /// A local connection becomes a new flow of the session's tunnel (agent).
@@ -237,13 +272,13 @@ impl Core {
     fn schedule_reconnect(&mut self) {
         let delay = self.backoff.next_delay();
         self.reconnect_at = Some(Instant::now() + delay);
-        self.metrics.set_path(None);
     }
 
     /// Removes a tunnel; its CONNECTION_CLOSE goes out right here (when there is a socket)
     /// and the relay hears that the session is done.
     fn close_tunnel(&mut self, session: SessionId, why: &str) -> Option<Tunnel> {
         let mut t = self.tunnels.remove(&session)?;
+        self.metrics.tunnel_path(Some(t.path.current().name()), None);
         let _ = t.conn.close(true, 0, why.as_bytes());
         if let Some(socket) = &self.socket {
             while let Some((n, to)) = t.poll_transmit(&mut self.txbuf) {
@@ -313,6 +348,9 @@ impl<R: Role> Engine<R> {
             reconnect_at: Some(Instant::now()),
             ever_connected: false,
             tunnels: HashMap::new(),
+            pending_candidates: HashMap::new(),
+            observed: None,
+            path_work: PathWork::default(),
             replay: VecDeque::new(),
             rxbuf: vec![0u8; MAX_DATAGRAM],
             txbuf: vec![0u8; MAX_DATAGRAM],
@@ -412,6 +450,7 @@ impl<R: Role> Engine<R> {
         match msg {
             Message::SessionClosed { session, reason } => {
                 tracing::info!(%session, %reason, "session closed by the relay");
+                self.core.pending_candidates.remove(&session);
                 self.role.on_session_closed(session);
                 self.close_tunnel(session, reason.name());
             }
@@ -426,6 +465,29 @@ impl<R: Role> Engine<R> {
             }
             Message::ObservedAddress { addr, .. } => {
                 tracing::info!(observed = %addr, "relay reports our address");
+                let previous = self.core.observed.replace(addr);
+                if previous.is_some_and(|p| p != addr) {
+                    // Rebinding: our peers' candidates for us are stale.
+                    let sessions: Vec<SessionId> = self.core.tunnels.keys().copied().collect();
+                    for s in sessions {
+                        self.core.announce_candidates(s, Some(addr));
+                    }
+                }
+            }
+            Message::PeerCandidates { .. } if !self.core.cfg.direct.enabled => {}
+            Message::PeerCandidates { session, token, candidates } => {
+                tracing::debug!(%session, ?candidates, "peer candidates");
+                let core = &mut self.core;
+                match core.tunnels.get_mut(&session) {
+                    Some(t) => t.add_candidates(token, &candidates, Instant::now()),
+                    None if core.pending_candidates.len() < MAX_PENDING_CANDIDATES
+                        || core.pending_candidates.contains_key(&session) =>
+                    {
+                        let entry = core.pending_candidates.entry(session).or_insert((token, Vec::new()));
+                        entry.1.extend(candidates);
+                    }
+                    None => {}
+                }
             }
             other => self.role.on_message(&mut self.core, other)?,
         }
@@ -451,10 +513,19 @@ impl<R: Role> Engine<R> {
             }
             return;
         }
-        let Ok(Frame::Data { session, .. }) = Frame::parse(datagram) else { return };
+        if from != core.cfg.relay && !core.cfg.direct.enabled {
+            core.metrics.direct_rejected("direct_off");
+            return;
+        }
+        let session = match Frame::parse(datagram) {
+            Ok(Frame::Data { session, .. }) => session,
+            Ok(Frame::Punch { session, token }) => return self.on_punch(session, &token, from),
+            _ => return,
+        };
         if !core.tunnels.contains_key(&session) {
             // A tunnel only ever starts through the relay.
             if from != core.cfg.relay {
+                core.metrics.direct_rejected("unknown_session");
                 return;
             }
             // Lend the role the frame without copying it (the buffer comes back right after).
@@ -464,8 +535,72 @@ impl<R: Role> Engine<R> {
         }
         let core = &mut self.core;
         let Some(t) = core.tunnels.get_mut(&session) else { return };
-        t.recv_frame(&mut core.rxbuf[..n], from);
+        if !t.recv_frame(&mut core.rxbuf[..n], from, Instant::now()) {
+            core.metrics.direct_rejected("not_authentic");
+        }
+        self.report_path_changes(session);
         self.service_tunnel(session);
+    }
+
+    /// A PUNCH frame: it opens nothing by itself, but may teach a peer-reflexive address.
+    fn on_punch(&mut self, session: SessionId, token: &[u8; PUNCH_TOKEN_LEN], from: SocketAddr) {
+        let core = &mut self.core;
+        let outcome = match core.tunnels.get_mut(&session) {
+            Some(t) if from != core.cfg.relay => t.on_punch(from, token, Instant::now()),
+            _ => Punch::Rejected,
+        };
+        core.metrics.punch_received(outcome);
+        if outcome == Punch::Learned {
+            tracing::debug!(%session, %from, "learned a peer-reflexive candidate");
+        }
+    }
+
+    /// Tells the relay and the metrics where a tunnel's traffic now goes.
+    fn report_path_changes(&mut self, session: SessionId) {
+        let Some(t) = self.core.tunnels.get_mut(&session) else { return };
+        let opened = t.opened;
+        let changes: Vec<PathChange> = t.take_changes().collect();
+        for change in changes {
+            let direct = matches!(change, PathChange::Direct(_));
+            let m = &self.core.metrics;
+            match change {
+                PathChange::Direct(peer) => {
+                    let first = self.core.tunnels.get_mut(&session).is_some_and(|t| !std::mem::replace(&mut t.was_direct, true));
+                    m.switched(true, first.then(|| opened.elapsed()));
+                    tracing::info!(target: LOG, %session, %peer, after = ?opened.elapsed(), "tunnel moved to a direct path");
+                }
+                PathChange::Relay => {
+                    m.switched(false, None);
+                    tracing::info!(target: LOG, %session, "tunnel back on the relay path");
+                }
+            }
+            self.core.send_control(&Message::PathStatus { session, direct });
+        }
+    }
+
+    /// Punching, probing and liveness of every tunnel's direct paths.
+    fn drive_paths(&mut self, now: Instant) {
+        let sessions: Vec<SessionId> = self.core.tunnels.keys().copied().collect();
+        let mut punch = [0u8; frame::PUNCH_LEN];
+        for s in sessions {
+            let core = &mut self.core;
+            let Some(t) = core.tunnels.get_mut(&s) else { continue };
+            let mut work = std::mem::take(&mut core.path_work);
+            t.drive_paths(now, &mut work);
+            if let (Some(socket), Some(token)) = (&core.socket, t.path.direct.token()) {
+                let n = frame::write_punch(&s, token, &mut punch);
+                for to in work.punches.drain(..) {
+                    let _ = socket.try_send_to(&punch[..n], to);
+                    core.metrics.punches_sent.inc();
+                }
+            }
+            work.punches.clear();
+            for _ in 0..std::mem::take(&mut work.failed_attempts) {
+                core.metrics.punch_attempts("failed");
+            }
+            core.path_work = work;
+            self.report_path_changes(s);
+        }
     }
 
     /// After a tunnel changed: verify the peer, start waiting flows, move stream data.
@@ -479,7 +614,6 @@ impl<R: Role> Engine<R> {
                 return;
             }
             tracing::info!(%session, service = %t.service, peer = %t.peer_identity, "tunnel established");
-            self.core.metrics.set_path(Some(t.path.current().name()));
             self.role.on_verified(&mut self.core, session);
         }
         let Some(t) = self.core.tunnels.get_mut(&session).filter(|t| t.verified) else { return };
@@ -542,6 +676,7 @@ impl<R: Role> Engine<R> {
             }
             self.service_tunnel(s);
         }
+        self.drive_paths(now);
         self.role.on_timers(now);
         Ok(())
     }
