@@ -6,13 +6,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
-use crate::metrics::{self, Scrape};
-use crate::netns;
-use crate::process::Process;
+use crate::nslab::{LabHost, NsLab, tagged_prefix};
 
 /// The three hosts of the lab.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,16 +17,6 @@ pub enum Host {
     Agent,
     Relay,
     Conn,
-}
-
-impl Host {
-    fn suffix(self) -> &'static str {
-        match self {
-            Host::Agent => "agent",
-            Host::Relay => "relay",
-            Host::Conn => "conn",
-        }
-    }
 }
 
 /// Addresses of the lab (see the picture in lab.sh).
@@ -58,104 +45,31 @@ pub fn workspace_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lab/lab.sh")
 }
 
-pub struct Lab {
-    pub prefix: String,
-    script: PathBuf,
-    /// Started by [`Lab::spawn`]; killed before the namespaces go.
-    processes: Vec<Process>,
+/// The lab: its hosts, commands and processes in them, and the teardown on drop are
+/// [`NsLab`]'s.
+pub type Lab = NsLab<Host>;
+
+impl LabHost for Host {
+    const ALL: &'static [Host] = &[Host::Agent, Host::Relay, Host::Conn];
+    fn suffix(self) -> &'static str {
+        match self {
+            Host::Agent => "agent",
+            Host::Relay => "relay",
+            Host::Conn => "conn",
+        }
+    }
 }
 
-impl Lab {
+impl NsLab<Host> {
     /// `lab.sh up` with `LAB_PREFIX=prefix` (needs root).
     pub fn up(script: &Path, prefix: &str) -> Result<Lab> {
-        if !script.is_file() {
-            bail!("the lab script {} does not exist (run from the workspace root or pass --lab-script)", script.display());
-        }
-        // Constructed first, so a half-built lab is removed too.
-        let lab = Lab { prefix: prefix.to_string(), script: script.to_path_buf(), processes: Vec::new() };
-        let out = lab.script_cmd("up").output().with_context(|| format!("running {} up", script.display()))?;
-        if !out.status.success() {
-            bail!(
-                "{} up failed (root, iproute2 and veth support are needed): {}",
-                script.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(lab)
+        NsLab::build(script, prefix, &[])
     }
 
     /// The workspace's lab under prefix `tag` plus part of this process's id, so parallel
     /// tests (different tags) and parallel runs (different pids) do not collide.
     pub fn up_tagged(script: &Path, tag: &str) -> Result<Lab> {
-        Lab::up(script, &format!("{tag}{}", std::process::id() % 100_000))
-    }
-
-    fn script_cmd(&self, action: &str) -> Command {
-        let mut c = Command::new("bash");
-        c.arg(&self.script).arg(action).env("LAB_PREFIX", &self.prefix).stdin(Stdio::null());
-        c
-    }
-
-    /// The namespace name of a host.
-    pub fn ns(&self, host: Host) -> String {
-        format!("{}-{}", self.prefix, host.suffix())
-    }
-
-    /// A command to run inside a host.
-    pub fn cmd(&self, host: Host, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns(host)]).arg(program);
-        c
-    }
-
-    /// Runs `args` (program first) in a host to completion, whatever its exit status.
-    pub fn output(&self, host: Host, args: &[&str]) -> Result<Output> {
-        let (program, rest) = args.split_first().context("empty command")?;
-        self.cmd(host, program)
-            .args(rest)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running {program} in {}", self.ns(host)))
-    }
-
-    /// Runs `args` in a host to completion: its stdout, or an error with its stderr.
-    pub fn run(&self, host: Host, args: &[&str]) -> Result<String> {
-        let out = self.output(host, args)?;
-        if !out.status.success() {
-            bail!(
-                "`{}` in {} failed ({}): {}",
-                args.join(" "),
-                self.ns(host),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// Starts a long-running process in a host (`ZTNA_LOG=info`, output to `log`), owned by
-    /// the lab. Returns its index for [`Lab::process`].
-    pub fn spawn(&mut self, host: Host, program: &Path, args: &[&str], log: &Path) -> Result<usize> {
-        let mut cmd = self.cmd(host, program);
-        cmd.args(args).env("ZTNA_LOG", "info");
-        let what = format!("{} in {}", program.file_name().unwrap_or(program.as_os_str()).to_string_lossy(), self.ns(host));
-        self.processes.push(Process::spawn(&what, cmd, log)?);
-        Ok(self.processes.len() - 1)
-    }
-
-    /// A process started by [`Lab::spawn`].
-    pub fn process(&self, index: usize) -> &Process {
-        &self.processes[index]
-    }
-
-    /// The metrics of an admin endpoint inside a host (e.g. the relay's on its loopback).
-    pub fn scrape(&self, host: Host, admin: SocketAddr) -> Result<Scrape> {
-        Ok(Scrape::parse(&self.metrics_text(host, admin)?))
-    }
-
-    /// The Prometheus text of an admin endpoint inside a host.
-    pub fn metrics_text(&self, host: Host, admin: SocketAddr) -> Result<String> {
-        netns::run_in(&self.ns(host), || metrics::metrics_text(admin))
+        Lab::up(script, &tagged_prefix(tag))
     }
 
     /// MAC address of an interface in a host.
@@ -193,35 +107,6 @@ impl Lab {
         self.run(Host::Conn, &["ip", "route", "replace", "192.0.2.0/24", "via", "198.51.100.1"])?;
         self.run(Host::Conn, &["ip", "-6", "route", "replace", "2001:db8:a::/64", "via", "2001:db8:c::1"])?;
         Ok(())
-    }
-
-    /// SIGKILLs every process still in one of the lab's namespaces: a namespace stays alive
-    /// while a process is in it, and so would its links and XDP programs.
-    fn kill_stragglers(&self) {
-        for host in [Host::Agent, Host::Relay, Host::Conn] {
-            let Ok(out) = Command::new("ip").args(["netns", "pids", &self.ns(host)]).stderr(Stdio::null()).output() else { continue };
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                if pid as u32 != std::process::id() {
-                    // SAFETY: kill(2) on a process in a namespace this lab created.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        self.processes.clear();
-        self.kill_stragglers();
-        match self.script_cmd("down").output() {
-            Ok(o) if o.status.success() => {}
-            _ => eprintln!(
-                "warning: removing the lab failed; run `LAB_PREFIX={} {} down`",
-                self.prefix,
-                self.script.display()
-            ),
-        }
     }
 }
 

@@ -11,6 +11,9 @@
 //! - [`metrics`]: `/healthz` and `/metrics` over plain HTTP, parsing metric values;
 //! - [`netns`]: running code inside a network namespace;
 //! - [`lab`]: the three-host topology of `deploy/lab/lab.sh`, removed on drop;
+//! - [`natlab`]: the NAT lab of `deploy/lab/nat.sh` (relay on an "internet", agent and
+//!   connector behind home routers of a chosen NAT type), removed on drop;
+//! - [`nslab`]: what both labs share: their script, hosts as namespaces, processes, teardown;
 //! - [`ports`]: free loopback ports.
 //!
 //! Errors are `anyhow` errors whose context says which process failed and how, with the end
@@ -20,7 +23,9 @@ pub mod bins;
 pub mod clients;
 pub mod lab;
 pub mod metrics;
+pub mod natlab;
 pub mod netns;
+pub mod nslab;
 pub mod pki;
 pub mod ports;
 pub mod process;
