@@ -200,7 +200,7 @@ pub struct NatLabConfig {
     pub v6: bool,
     /// One-way delay on each router's WAN link, through `ztna-delayline` (0: none).
     pub delay_ms: u32,
-    /// The `ztna-delayline` binary; `None`: the workspace's (see [`bins::find`]).
+    /// The `ztna-delayline` binary; `None`: the workspace's ([`bins::delayline`]).
     pub delayline: Option<PathBuf>,
 }
 
@@ -225,7 +225,10 @@ impl NatLabConfig {
             args.push("--v6".into());
         }
         if self.delay_ms > 0 {
-            let delayline = bins::find_or(self.delayline.as_deref(), "ztna-delayline")?;
+            let delayline = match &self.delayline {
+                Some(p) => bins::find_or(Some(p), "ztna-delayline")?,
+                None => bins::delayline()?,
+            };
             args.extend(["--delay-ms".into(), self.delay_ms.to_string(), "--delayline".into(), delayline.display().to_string()]);
         }
         Ok(args)
