@@ -211,14 +211,23 @@ impl Tunnel {
             Action::Ping(to) => {
                 let _ = self.conn.send_ack_eliciting_on_path(local, to);
             }
+            // After a move, a PING goes out on the new path at once: the connector follows
+            // the first non-probing packet it sees there, and a receiving agent may have
+            // nothing else to send.
             Action::Migrate(to) => {
                 if self.conn.migrate(local, to).is_ok() {
+                    let _ = self.conn.send_ack_eliciting();
                     self.path.direct.now_direct(to, now);
                     self.changes.push(PathChange::Direct(to));
                 }
             }
             Action::FallBack(_) => {
                 if self.conn.migrate(local, self.path.peer_label()).is_ok() {
+                    let _ = self.conn.send_ack_eliciting();
+                    // The connector re-validates the relay path before it follows, and
+                    // until then may send only three times what it received there: a
+                    // full-size probe gives it room for its own full-size challenge.
+                    let _ = self.conn.probe_path(local, self.path.peer_label());
                     self.path.direct.now_relayed(now);
                     self.changes.push(PathChange::Relay);
                 }
