@@ -4,20 +4,22 @@
 use ztna_client::path::PathLayer;
 use ztna_client::tunnel::Tunnel;
 use ztna_e2e::{Pki, test_pki};
+use std::time::Instant;
+
 use ztna_proto::SessionId;
-use ztna_proto::frame::DATA_HEADER_LEN;
 
 /// Runs the handshake between the two tunnels until neither has anything to send.
 fn shuttle(agent: &mut Tunnel, connector: &mut Tunnel) {
     let mut buf = [0u8; 2048];
     for _ in 0..50 {
         let mut moved = false;
-        while let Some((n, _)) = agent.poll_transmit(&mut buf) {
-            connector.recv(&mut buf[DATA_HEADER_LEN..n]);
+        // Each datagram goes to the relay's address: delivered as if the relay forwarded it.
+        while let Some((n, relay)) = agent.poll_transmit(&mut buf) {
+            connector.recv_frame(&mut buf[..n], relay, Instant::now());
             moved = true;
         }
-        while let Some((n, _)) = connector.poll_transmit(&mut buf) {
-            agent.recv(&mut buf[DATA_HEADER_LEN..n]);
+        while let Some((n, relay)) = connector.poll_transmit(&mut buf) {
+            agent.recv_frame(&mut buf[..n], relay, Instant::now());
             moved = true;
         }
         if !moved {
