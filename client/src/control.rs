@@ -308,7 +308,7 @@ impl ControlClient {
         software: &str,
         timeout: Duration,
     ) -> Result<ControlClient, ClientError> {
-        let socket = bind_engine_socket(relay)?;
+        let socket = bind_client_socket(SocketAddr::new(source_ip_for(relay)?, 0))?;
         Self::connect_on(socket, relay, server_name, tls, software, timeout).await
     }
 

@@ -227,8 +227,13 @@ impl Core {
     /// retrying cannot mend ends the program if we never got in.
     async fn dial(&mut self) -> Result<Option<ControlClient>> {
         let c = &self.cfg;
-        let attempt =
-            ControlClient::connect(c.relay, c.server_name.as_deref(), &c.tls, &c.software, c.connect_timeout).await;
+        // Dual stack, so direct paths may use IPv6 host candidates whatever the relay's family.
+        let attempt = match crate::control::bind_engine_socket(c.relay) {
+            Ok(socket) => {
+                ControlClient::connect_on(socket, c.relay, c.server_name.as_deref(), &c.tls, &c.software, c.connect_timeout).await
+            }
+            Err(e) => Err(e.into()),
+        };
         match attempt {
             Ok(client) => Ok(Some(client)),
             Err(e) => {
