@@ -25,41 +25,42 @@
 //! next frame to arrive, whichever is first.
 //!
 //! The interfaces need no IP addresses, but the frames must be real frames of at most the MTU
-//! (plus the 14-byte Ethernet header and VLAN tags): this program copies bytes and knows
-//! nothing of the kernel's offload metadata. So turn the offloads off on the delay line's
-//! interfaces **and on the interfaces of the hosts that send through it** (both ends of each
-//! veth pair):
+//! (plus the 14-byte Ethernet header and VLAN tags) with their checksums filled in: this
+//! program copies bytes and knows nothing of the kernel's offload metadata. So turn the
+//! offloads off on both ends of both links, the delay line's interfaces and the hosts':
 //!
 //! ```text
 //! ethtool -K DEV tx off rx off gro off gso off tso off
 //! ```
 //!
-//! - `tso`/`gso` off on the senders: a TCP sender otherwise hands a veth one super-frame of up
-//!   to 64 KiB, it crosses the pair unsegmented and arrives here larger than the MTU; it cannot
-//!   be sent out again (counted as "oversize", with a warning);
-//! - `tx` (checksum offload) off on the senders: a frame otherwise crosses a veth with its
-//!   TCP/UDP checksum left to "the hardware"; copied out as plain bytes it reaches the far host
-//!   with a wrong checksum and is dropped there (counted here as "csum-partial", with a
-//!   warning);
-//! - `gro` off here: GRO on the delay line's interfaces would merge received frames into
-//!   super-frames again;
-//! - `rx` (checksum offload) off: the receiving stacks then check every checksum in software
-//!   and trust nothing the delay line cannot carry.
+//! Two of these matter (each was seen to break a veth lab; the rest is for simplicity):
+//!
+//! - `tx` (checksum offload) off **on the hosts' ends**: a frame otherwise crosses the veth
+//!   with its TCP/UDP checksum left to "the hardware", and copied out as plain bytes it reaches
+//!   the far host with a wrong checksum and is dropped there: not even a TCP SYN gets through
+//!   (counted here as "csum-partial", with a warning). TSO needs checksum offload, so this
+//!   also keeps TCP from handing the veth super-frames of up to 64 KiB;
+//! - `gro` off **on the delay line's ends** (a veth's default, but labs turn it on for XDP):
+//!   GRO merges the received frames into super-frames again (frames of 7 KB seen), which are
+//!   larger than the buffers and the MTU and are dropped (counted as "oversize", with a
+//!   warning); TCP then crawls at well under 1 Mbit/s.
 //!
 //! Frame buffers are sized from the larger MTU of the two interfaces, read at start. A VLAN
 //! tag that the receiving kernel moved out of a frame into its metadata is put back.
 //!
-//! On exit, per direction: frames and bytes forwarded and received, the drops by cause, and
-//! how late frames went out on average and at most (the time between a frame's due time and
-//! its `sendmmsg`; the time a frame waited in the receive socket before being stamped comes on
-//! top). On a machine whose cores are all busy (the endpoints of a benchmark on the same
-//! few cores) the threads wait for a CPU and frames go out late; `chrt -f 10 ztna-delayline
-//! ...` keeps the delay close to the one asked for (they sleep whenever there is nothing due,
-//! so real-time priority costs nothing while idle).
+//! On exit, per direction: frames and bytes forwarded and received, the drops by cause, how
+//! late frames went out (between a frame's due time and its `sendmmsg`: mean, most, and a
+//! histogram; the time a frame waited in the receive socket before being stamped comes on
+//! top), and the mean batch sizes. The kernel's receive processing of what it sends (the far
+//! host's TCP, for a veth) runs in its `sendmmsg` calls and so counts as its CPU time. On a
+//! machine whose cores are all busy (the endpoints of a benchmark on the same few cores, other
+//! work) its threads wait for a CPU and frames go out late, by a millisecond and more under
+//! load; `chrt -f 10 ztna-delayline ...` lets them go first (they sleep whenever nothing is
+//! due, but a flood that keeps them busy then also keeps a core from everything else).
 //!
-//! The delay line's own namespace needs no IPv6 either (`sysctl -w
-//! net.ipv6.conf.default.disable_ipv6=1` before the interfaces come in), or its kernel speaks
-//! on the link too (router and neighbour solicitations), without harm.
+//! The delay line's own namespace needs no IPv6 (`sysctl -w
+//! net.ipv6.conf.default.disable_ipv6=1` before the interfaces move in), or its kernel speaks
+//! on the link too (router and neighbour solicitations), harmless but noise.
 
 use std::ffi::CString;
 use std::io;
@@ -391,6 +392,11 @@ struct Stats {
     /// How late frames went out: the sum over all sent, and the most.
     late_ns_sum: u64,
     late_ns_max: u64,
+    /// `recvmmsg` calls that returned frames, `sendmmsg` calls.
+    rx_calls: u64,
+    tx_calls: u64,
+    /// Frames sent late by < 10 µs, < 100 µs, < 1 ms, < 10 ms, more.
+    late_hist: [u64; 5],
     /// Still queued at exit (not sent).
     left: u64,
 }
@@ -398,7 +404,7 @@ struct Stats {
 impl Stats {
     fn report(&self) -> String {
         let mut s = format!(
-            "forwarded {} frames, {} bytes (received {} frames, {} bytes); dropped: queue-full {}, loss {}, oversize {}, send-errors {}, socket {}; csum-partial {}, rx-errors {}, left-in-queue {}; sent late by {:.1} us on average, {:.1} us at most",
+            "forwarded {} frames, {} bytes (received {} frames, {} bytes); dropped: queue-full {}, loss {}, oversize {}, send-errors {}, socket {}; csum-partial {}, rx-errors {}, left-in-queue {}; sent late by {:.1} us on average, {:.1} us at most, by <10us/<100us/<1ms/<10ms/more: {}; {:.1} frames per recvmmsg, {:.1} per sendmmsg",
             self.tx_frames,
             self.tx_bytes,
             self.rx_frames,
@@ -412,7 +418,10 @@ impl Stats {
             self.rx_errors,
             self.left,
             self.late_ns_sum as f64 / self.tx_frames.max(1) as f64 / 1e3,
-            self.late_ns_max as f64 / 1e3
+            self.late_ns_max as f64 / 1e3,
+            self.late_hist.map(|n| n.to_string()).join("/"),
+            self.rx_frames as f64 / self.rx_calls.max(1) as f64,
+            self.tx_frames as f64 / self.tx_calls.max(1) as f64
         );
         if self.send_errors > 0 {
             s += &format!(" (last send error: {})", io::Error::from_raw_os_error(self.last_send_error));
@@ -587,6 +596,7 @@ impl Line {
         }
         let got = r as usize;
         let now = mono_ns();
+        self.stats.rx_calls += 1;
         for i in 0..got {
             let h = &self.rx_hdr[i];
             let len = h.msg_len as usize;
@@ -690,6 +700,7 @@ impl Line {
         while i < m {
             // SAFETY: headers i..m point at their iovecs and frames in buf.
             let r = unsafe { libc::sendmmsg(self.tx.as_raw_fd(), self.tx_hdr[i..].as_mut_ptr(), (m - i) as u32, 0) };
+            self.stats.tx_calls += 1;
             if r > 0 {
                 for j in i..i + r as usize {
                     let meta = self.meta[self.tx_slot[j]];
@@ -698,6 +709,14 @@ impl Line {
                     self.stats.tx_bytes += u64::from(meta.len);
                     self.stats.late_ns_sum += late;
                     self.stats.late_ns_max = self.stats.late_ns_max.max(late);
+                    let bucket = match late {
+                        0..10_000 => 0,
+                        10_000..100_000 => 1,
+                        100_000..1_000_000 => 2,
+                        1_000_000..10_000_000 => 3,
+                        _ => 4,
+                    };
+                    self.stats.late_hist[bucket] += 1;
                 }
                 i += r as usize;
             } else {
