@@ -161,8 +161,8 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Cli, String> {
     if loss_pct > 100.0 {
         return Err("--loss-pct is at most 100".into());
     }
-    if queue_mib == 0 {
-        return Err("--queue-mib must be at least 1".into());
+    if !(1..=65_536).contains(&queue_mib) {
+        return Err("--queue-mib is 1 to 65536".into());
     }
     Ok(Cli::Run(Args { a, b, delay_ns: (delay_ms * 1e6).round() as u64, loss_pct, queue_mib }))
 }
@@ -211,6 +211,7 @@ fn run(args: &Args) -> Result<bool, String> {
         let (delay_ns, name) = (args.delay_ns, d.name.clone());
         let label = d.name.clone();
         let spawned = std::thread::Builder::new().name(format!("dl {}", d.name)).spawn(move || {
+            let _wake = WakeMainOnPanic;
             let out = Line::new(d, stop, delay_ns, loss_threshold, slot, cap).run();
             if let Err(e) = &out {
                 eprintln!("ztna-delayline: {name}: {e}");
@@ -253,6 +254,18 @@ fn run(args: &Args) -> Result<bool, String> {
     }
     eprintln!("ztna-delayline: stopped");
     Ok(ok)
+}
+
+/// Wakes the main thread (which then stops the other direction) if a direction panics.
+struct WakeMainOnPanic;
+
+impl Drop for WakeMainOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // SAFETY: kill(2) on our own process; the main thread takes it in sigwaitinfo.
+            unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+        }
+    }
 }
 
 /// One interface: its index, MTU and two packet sockets bound to it.
@@ -780,6 +793,8 @@ mod tests {
             &["--a", "x0", "--b", "x1", "--delay-ms", "1", "--loss-pct", "101"],
             &["--a", "x0", "--b", "x1", "--delay-ms"],
             &["--a", "x0", "--b", "x1", "--delay-ms", "1", "--what", "2"],
+            &["--a", "x0", "--b", "x1", "--delay-ms", "1", "--queue-mib", "0"],
+            &["--a", "x0", "--b", "x1", "--delay-ms", "1", "--queue-mib", "1e30"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
