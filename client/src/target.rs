@@ -41,10 +41,8 @@ pub struct RelayArgs {
 pub struct DirectArgs {
     /// `on`: punch holes and move tunnels onto direct paths when they validate, keeping the
     /// relay as the fallback; `off`: every byte goes through the relay, and this side
-    /// neither punches nor accepts packets from anyone but the relay. Off by default until
-    /// the connector follows a fallback to the relay reliably (after a dead direct path it
-    /// can stay on it for seconds).
-    #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+    /// neither punches nor accepts packets from anyone but the relay.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub direct: String,
     /// Advertise as host candidates only interface addresses inside these prefixes
     /// (comma-separated, e.g. 192.0.2.0/24,2001:db8::/32). Default: every usable address.

@@ -224,10 +224,6 @@ impl Tunnel {
             Action::FallBack(_) => {
                 if self.conn.migrate(local, self.path.peer_label()).is_ok() {
                     let _ = self.conn.send_ack_eliciting();
-                    // The connector re-validates the relay path before it follows, and
-                    // until then may send only three times what it received there: a
-                    // full-size probe gives it room for its own full-size challenge.
-                    let _ = self.conn.probe_path(local, self.path.peer_label());
                     self.path.direct.now_relayed(now);
                     self.changes.push(PathChange::Relay);
                 }

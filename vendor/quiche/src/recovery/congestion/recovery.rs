@@ -220,15 +220,21 @@ impl RecoveryEpoch {
         })
     }
 
+    // ztna patch: with `all`, every packet still in flight is lost (the path it
+    // went on is no longer used), including those after the largest acked one.
     fn detect_lost_packets(
         &mut self, loss_delay: Duration, pkt_thresh: u64, now: Instant,
-        trace_id: &str, epoch: Epoch,
+        trace_id: &str, epoch: Epoch, all: bool,
     ) -> LossDetectionResult {
         self.loss_time = None;
 
         // Minimum time of kGranularity before packets are deemed lost.
         let loss_delay = cmp::max(loss_delay, GRANULARITY);
-        let largest_acked = self.largest_acked_packet.unwrap_or(0);
+        let largest_acked = if all {
+            u64::MAX
+        } else {
+            self.largest_acked_packet.unwrap_or(0)
+        };
 
         // Packets sent before this time are deemed lost.
         let lost_send_time = now.checked_sub(loss_delay).unwrap();
@@ -248,7 +254,8 @@ impl RecoveryEpoch {
 
         for unacked in unacked_iter {
             // Mark packet as lost, or set time when it should be marked.
-            if unacked.time_sent <= lost_send_time ||
+            if all ||
+                unacked.time_sent <= lost_send_time ||
                 largest_acked >= unacked.pkt_num + pkt_thresh
             {
                 self.lost_frames_ack.extend(unacked.frames.drain(..));
@@ -531,6 +538,12 @@ impl LegacyRecovery {
     fn detect_lost_packets(
         &mut self, epoch: Epoch, now: Instant, trace_id: &str,
     ) -> (usize, usize) {
+        self.detect_lost_packets_or_all(epoch, now, trace_id, false)
+    }
+
+    fn detect_lost_packets_or_all(
+        &mut self, epoch: Epoch, now: Instant, trace_id: &str, all: bool,
+    ) -> (usize, usize) {
         let loss_delay = cmp::max(self.rtt_stats.latest_rtt, self.rtt())
             .mul_f64(self.time_thresh);
 
@@ -540,6 +553,7 @@ impl LegacyRecovery {
             now,
             trace_id,
             epoch,
+            all,
         );
 
         if let Some(pkt) = loss.largest_lost_pkt {
@@ -870,8 +884,14 @@ impl RecoveryOps for LegacyRecovery {
     fn on_path_change(
         &mut self, epoch: Epoch, now: Instant, trace_id: &str,
     ) -> (usize, usize) {
-        // Time threshold loss detection.
-        self.detect_lost_packets(epoch, now, trace_id)
+        // ztna patch: the connection left this path. ACKs that now arrive only
+        // acknowledge packets of the new path, and a path whose own packets are
+        // never newly acked never runs loss detection again, so what was in
+        // flight here would stay in flight for good and its stream data would
+        // never be sent again: the stream stalls. Declare all of it lost, so it is
+        // retransmitted on the new path. (Upstream ran only time-threshold loss
+        // detection here.)
+        self.detect_lost_packets_or_all(epoch, now, trace_id, true)
     }
 
     fn loss_detection_timer(&self) -> Option<Instant> {
