@@ -9,6 +9,7 @@ mod baseline;
 mod client;
 mod control_plane;
 mod dataplane;
+mod direct;
 mod flood;
 mod handshakes;
 mod idle_rss;
@@ -67,6 +68,9 @@ enum Cmd {
     /// The kernel-socket baseline: a minimal recvmmsg → session lookup → sendmmsg forwarder for
     /// the sessions of a sessions file (one thread, one socket).
     BaselineForwarder(baseline::BaselineArgs),
+    /// Time from a new tunnel's first packet to its move onto a direct path, through the NAT
+    /// lab with a one-way delay on each WAN link (root).
+    Direct(direct::DirectArgs),
     /// Write a trafgen (netsniff-ng) config with one DATA frame per session of a sessions file.
     ExportTrafgen(sessions::ExportTrafgenArgs),
     /// Write a classic pcap with one DATA frame per session of a sessions file.
@@ -120,6 +124,11 @@ async fn run(cmd: Cmd) -> Result<()> {
                 report::dataplane::write_section(out, &r)?;
                 println!("-- wrote the data-plane section of {}", out.display());
             }
+            write_json(a.json.as_deref(), &r)
+        }
+        Cmd::Direct(a) => {
+            let r = direct::run(&a)?;
+            direct::print(&r);
             write_json(a.json.as_deref(), &r)
         }
         Cmd::BaselineForwarder(a) => baseline::run(&a).map(|_| ()),

@@ -85,6 +85,9 @@ struct Remote {
 struct Attempt {
     started: Instant,
     round: usize,
+    /// A probe round went out (the first one goes as soon as probing is possible, not at
+    /// the next punch round: the tunnel's handshake usually ends between two rounds).
+    probed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -233,14 +236,23 @@ impl DirectPaths {
             self.start_attempt(now);
         }
         let Some(mut a) = self.attempt else { return };
+        let probing = self.role == Role::Controlling && can_probe;
         while a.round < ROUNDS_MS.len() && now >= a.started + Duration::from_millis(ROUNDS_MS[a.round]) {
             a.round += 1;
             for r in &mut self.remotes {
                 out.push(Action::Punch(r.candidate.addr));
-                if self.role == Role::Controlling && can_probe {
+                if probing {
                     out.push(Action::Probe(r.candidate.addr));
                     r.probed = true;
                 }
+            }
+            a.probed |= probing;
+        }
+        if probing && !a.probed && a.round < ROUNDS_MS.len() {
+            a.probed = true;
+            for r in &mut self.remotes {
+                out.push(Action::Probe(r.candidate.addr));
+                r.probed = true;
             }
         }
         self.attempt = Some(a);
@@ -283,7 +295,7 @@ impl DirectPaths {
     }
 
     fn start_attempt(&mut self, now: Instant) {
-        self.attempt = Some(Attempt { started: now, round: 0 });
+        self.attempt = Some(Attempt { started: now, round: 0, probed: false });
         self.next_attempt = None;
         for r in &mut self.remotes {
             r.probed = false;
@@ -351,6 +363,12 @@ mod tests {
         assert_eq!(poll(&mut d, t0, false), vec![Action::Punch(x)], "no probe before the tunnel is up");
         let t1 = t0 + Duration::from_millis(30);
         assert_eq!(poll(&mut d, t1, true), vec![Action::Punch(x), Action::Probe(x)]);
+        // The tunnel came up between rounds: the first probe goes at once, not at the next round.
+        let mut e = DirectPaths::new(Role::Controlling);
+        e.add_candidates(TOKEN, &[srflx("203.0.113.3:5000")], t0);
+        poll(&mut e, t0, false);
+        assert_eq!(poll(&mut e, t0 + Duration::from_millis(10), true), vec![Action::Probe(x)]);
+        assert_eq!(poll(&mut e, t0 + Duration::from_millis(12), true), vec![], "once");
         assert_eq!(d.on_validated(x, t1), Some(Action::Migrate(x)));
         d.now_direct(x, t1);
         assert_eq!(d.active(), Some(x));

@@ -188,6 +188,8 @@ impl Tunnel {
     /// Runs the direct-path schedule: probes, pings and migrations go to quiche here; the
     /// punches to send are added to `work`.
     pub fn drive_paths(&mut self, now: Instant, work: &mut PathWork) {
+        // quiche sends the ids once the handshake is confirmed, so a probe waits about one
+        // round trip after the agent's handshake completes for the connector's ids.
         if self.conn.is_established() {
             self.issue_connection_ids();
         }
