@@ -128,15 +128,16 @@ impl Run {
         line[at..].split_whitespace().next().unwrap().to_string()
     }
 
-    /// Sends one DATA frame for `session_hex` from a fresh socket (a source bound to no session).
+    /// Sends one DATA frame for `session_hex` from a fresh socket (a source bound to no session),
+    /// as one datagram.
     fn send_frame(&self, session_hex: &str, to: &str) {
-        let mut esc = String::from("\\x01");
-        for i in (0..16).step_by(2) {
-            esc.push_str(&format!("\\x{}", &session_hex[i..i + 2]));
-        }
-        esc.push_str("payload");
-        let out = self.lab.output(Host::Agent, &["bash", "-c", &format!("printf '{esc}' > /dev/udp/{to}/4433")]).unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut frame = vec![0x01];
+        frame.extend((0..16).step_by(2).map(|i| u8::from_str_radix(&session_hex[i..i + 2], 16).unwrap()));
+        frame.extend_from_slice(b"payload");
+        let to: std::net::SocketAddr = format!("{to}:4433").parse().unwrap();
+        self.lab
+            .run_in(Host::Agent, || Ok(std::net::UdpSocket::bind("0.0.0.0:0")?.send_to(&frame, to)?))
+            .unwrap();
     }
 }
 
@@ -167,15 +168,27 @@ fn check_mode(tag: &str, mode: &str) {
     let id = run.a_session_id();
     run.send_frame(&id, "192.0.2.1");
     run.send_frame("00ffeeddccbbaa99", "192.0.2.1");
-    std::thread::sleep(Duration::from_millis(300));
-    let after = relay_metrics(&run.lab);
-    let dropped = |reason| metric_sum(&after, "ztna_relay_dropped_total", &[("reason", reason)]);
+    // Until both drops are counted (each frame is one datagram), then exactly these two.
+    let dropped = |text: &str, reason| metric_sum(text, "ztna_relay_dropped_total", &[("reason", reason)]);
+    let both_dropped = |text: &str| match mode {
+        "off" => dropped(text, "unbound_source") + dropped(text, "unknown_session"),
+        _ => xdp(text, "dropped_unbound_source") + xdp(text, "dropped_unknown_session"),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut after = relay_metrics(&run.lab);
+    while both_dropped(&after) < 2.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        after = relay_metrics(&run.lab);
+    }
+    let dropped = |reason| dropped(&after, reason);
+    let counters: Vec<&str> = after.lines().filter(|l| l.starts_with("ztna_relay_xdp") || l.starts_with("ztna_relay_dropped")).collect();
+    let why = format!("session {id}; counters:\n{}", counters.join("\n"));
     if mode == "off" {
-        assert_eq!(dropped("unbound_source"), 1.0);
-        assert_eq!(dropped("unknown_session"), 1.0);
+        assert_eq!(dropped("unbound_source"), 1.0, "{why}");
+        assert_eq!(dropped("unknown_session"), 1.0, "{why}");
     } else {
-        assert_eq!(xdp(&after, "dropped_unbound_source"), 1.0);
-        assert_eq!(xdp(&after, "dropped_unknown_session"), 1.0);
+        assert_eq!(xdp(&after, "dropped_unbound_source"), 1.0, "{why}");
+        assert_eq!(xdp(&after, "dropped_unknown_session"), 1.0, "{why}");
         assert_eq!(dropped("unbound_source") + dropped("unknown_session"), 0.0, "user space never saw them");
     }
 }
