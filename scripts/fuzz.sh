@@ -15,7 +15,7 @@ fi
 
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(control_message message_reader relay_frame steering_owner tunnel_framing)
+    targets=(control_message message_reader nat_test relay_frame steering_owner tunnel_framing)
 fi
 
 export RUSTC_BOOTSTRAP=1

@@ -55,6 +55,11 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also test the NAT's mapping and filtering behaviour (RFC 5780) against the relay's
+        /// NAT-test responder at ADDR (default: the relay's address, port 3478) and say which
+        /// peers this host can reach directly.
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "relay")]
+        nat_test: Option<String>,
     },
 }
 
@@ -64,9 +69,9 @@ fn main() -> ExitCode {
             ztna_client::cli::init_logging("info");
             ztna_client::cli::run("ztna-agent", run(relay, direct, tcp, udp, config, metrics))
         }
-        Command::Check { relay, service, json } => {
+        Command::Check { relay, service, json, nat_test } => {
             ztna_client::cli::init_logging("warn");
-            ztna_client::cli::run("ztna-agent check: FAILED", async move { check(&relay, service.as_deref(), json).await })
+            ztna_client::cli::run("ztna-agent check: FAILED", async move { check(&relay, service.as_deref(), json, nat_test.as_deref()).await })
         }
     }
 }
@@ -130,8 +135,21 @@ async fn run(
     engine.run().await
 }
 
-async fn check(args: &RelayArgs, service: Option<&str>, json: bool) -> anyhow::Result<()> {
+/// Where the NAT-test responder is: `relay` means the relay's address at the default port.
+fn nat_test_server(arg: &str, relay: std::net::SocketAddr) -> anyhow::Result<std::net::SocketAddr> {
+    use anyhow::Context;
+    match arg {
+        "relay" => Ok(std::net::SocketAddr::new(relay.ip(), 3478)),
+        a => a.parse().with_context(|| format!("--nat-test {a}: not an address:port")),
+    }
+}
+
+async fn check(args: &RelayArgs, service: Option<&str>, json: bool, nat_test: Option<&str>) -> anyhow::Result<()> {
     let (addr, server_name) = args.resolve().await?;
+    let nat = match nat_test {
+        Some(arg) => Some(ztna_client::nat_type::discover(nat_test_server(arg, addr)?).await?),
+        None => None,
+    };
     let tls = args.tls("agent", "alice");
     let software = concat!("ztna-agent/", env!("CARGO_PKG_VERSION"));
     let mut client = ControlClient::connect(addr, server_name.as_deref(), &tls, software, args.timeout()).await?;
@@ -171,8 +189,18 @@ async fn check(args: &RelayArgs, service: Option<&str>, json: bool) -> anyhow::R
             Some(Ok((id, peer))) => format!("{{\"id\":\"{id}\",\"connector\":\"{peer}\"}}"),
             Some(Err(e)) => format!("{{\"error\":{e:?}}}"),
         };
+        let nat_json = match &nat {
+            None => "null".to_string(),
+            Some(n) => {
+                let (direct, relayed) = n.reach();
+                format!(
+                    "{{\"type\":{:?},\"mapping\":\"{:?}\",\"filtering\":\"{:?}\",\"mapped\":\"{}\",\"direct_with\":{direct:?},\"relayed_with\":{relayed:?}}}",
+                    n.name(), n.mapping, n.filtering, n.mapped
+                )
+            }
+        };
         println!(
-            "{{\"relay\":\"{addr}\",\"relay_identity\":\"{}\",\"identity\":\"{}\",\"role\":\"{}\",\"handshake_ms\":{:.3},\"rtt_ms\":{:.3},\"observed\":\"{}\",\"local\":\"{}\",\"services\":{:?},\"session\":{session_json}}}",
+            "{{\"relay\":\"{addr}\",\"relay_identity\":\"{}\",\"identity\":\"{}\",\"role\":\"{}\",\"handshake_ms\":{:.3},\"rtt_ms\":{:.3},\"observed\":\"{}\",\"local\":\"{}\",\"services\":{:?},\"session\":{session_json},\"nat\":{nat_json}}}",
             info.relay_identity, info.identity, info.role.name(), ms(info.handshake_time), ms(rtt), info.observed,
             local, info.services,
         );
@@ -188,6 +216,12 @@ async fn check(args: &RelayArgs, service: Option<&str>, json: bool) -> anyhow::R
             Some(Ok((id, peer))) => println!("session     {id} served by {peer}"),
             Some(Err(e)) => println!("session     refused: {e}"),
             None => {}
+        }
+        if let Some(n) = &nat {
+            let (direct, relayed) = n.reach();
+            println!("nat         {} ({:?} mapping, {:?} filtering; mapped to {})", n.name(), n.mapping, n.filtering, n.mapped);
+            println!("direct      with peers behind: {}", direct.join(", "));
+            println!("relayed     with peers behind: {}", if relayed.is_empty() { "(none)".to_string() } else { relayed.join(", ") });
         }
     }
     if let Some(Err(e)) = session {

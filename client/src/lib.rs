@@ -11,6 +11,7 @@ pub mod engine;
 pub mod flows;
 pub mod keepalive;
 pub mod metrics;
+pub mod nat_type;
 pub mod path;
 pub mod target;
 pub mod tls;

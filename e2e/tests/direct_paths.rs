@@ -55,7 +55,8 @@ impl Pair {
         let dir = pki.path().to_path_buf();
         let mut lab = NatLab::up_tagged(&natlab::nat_script(), tag, cfg).unwrap_or_else(|e| panic!("{e:#}"));
         let relay_log = dir.join("relay.log");
-        let relay_args = ztna_e2e::relay::args(&dir, "[::]:4433", ADMIN, ztna_e2e::Workers::Unpinned(2));
+        let mut relay_args = ztna_e2e::relay::args(&dir, "[::]:4433", ADMIN, ztna_e2e::Workers::Unpinned(2));
+        relay_args.extend(["--nat-test", "203.0.113.10,203.0.113.11"].map(String::from));
         let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
         lab.spawn(NatHost::Relay, &bin("ztna-relay"), &relay_args, &relay_log).unwrap();
         wait_for_log(&relay_log, "relay started", Duration::from_secs(10)).unwrap();
@@ -94,6 +95,18 @@ impl Pair {
         let got = std::fs::read(&out).unwrap();
         let want = std::fs::read(self.dir.join("www/blob")).unwrap();
         assert!(got == want, "{name}: {} bytes arrived, not the {} sent, or different ones", got.len(), want.len());
+    }
+
+    /// `ztna-agent check --nat-test --json` in a host: its `nat` object.
+    fn nat_check(&self, host: NatHost) -> serde_json::Value {
+        let (agent, d) = (s(&bin("ztna-agent")), s(&self.dir));
+        let args = [&agent, "check", "--relay", RELAY, "--pki-dir", &d, "--name", "alice", "--nat-test", "--json"];
+        let started = Instant::now();
+        let out = self.lab.output(host, &args).unwrap();
+        eprintln!("check --nat-test took {:?}", started.elapsed());
+        assert!(out.status.success(), "check failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        v["nat"].clone()
     }
 
     fn relay_metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -149,6 +162,13 @@ fn the_nat_matrix_goes_direct_wherever_punching_can_open_a_path() {
         for conn in NatType::ALL {
             let pair = Pair::start("dm", &NatLabConfig::new(agent, conn));
             let expect = direct_expected(agent, conn);
+            // Each router type once on each side: `check --nat-test` names it, and the peers
+            // it says are reached directly are the ones this matrix reaches.
+            for (host, nat, first) in [(NatHost::Agent, agent, conn == NatType::ALL[0]), (NatHost::Conn, conn, agent == NatType::ALL[0])] {
+                if first {
+                    check_reports_nat_type(&pair.nat_check(host), nat);
+                }
+            }
             // The first request opens the session; punching starts with it.
             pair.fetch("warm-up", None);
             if expect {
@@ -173,6 +193,25 @@ fn the_nat_matrix_goes_direct_wherever_punching_can_open_a_path() {
         }
     }
     eprintln!("{}", results.join("\n"));
+}
+
+/// `check --nat-test`'s name for a lab router type.
+fn check_name(nat: NatType) -> &'static str {
+    match nat {
+        NatType::None => "no NAT",
+        NatType::FullCone => "full cone",
+        NatType::PortRestricted => "port-restricted cone",
+        NatType::Symmetric => "symmetric",
+    }
+}
+
+fn check_reports_nat_type(report: &serde_json::Value, nat: NatType) {
+    eprintln!("behind a {nat} router, check --nat-test says {report}");
+    assert_eq!(report["type"], check_name(nat), "behind a {nat} router: {report}");
+    let direct_with: Vec<&str> = report["direct_with"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    for peer in NatType::ALL {
+        assert_eq!(direct_with.contains(&check_name(peer)), direct_expected(nat, peer), "{nat} with {peer}: {report}");
+    }
 }
 
 /// A transfer runs across a relay→direct switch, a direct→relay fallback (the agent's router

@@ -38,6 +38,45 @@ pub struct Config {
     /// back to user-space hand-offs, with a warning, where eBPF cannot be loaded).
     pub ebpf_steering: bool,
     pub xdp: XdpConfig,
+    pub nat_test: NatTestConfig,
+}
+
+/// The NAT-test responder (`[nat_test]`, PROTOCOL.md §14.9): off unless two addresses of this
+/// host are named. It answers on both addresses, on `port` and `port + 1`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatTestConfig {
+    /// The primary address (the one clients are told) and the alternate, same family.
+    pub addresses: Vec<std::net::IpAddr>,
+    pub port: u16,
+    /// Replies per second, all sources together (a reply is never larger than its probe).
+    pub replies_per_sec: u32,
+}
+
+impl Default for NatTestConfig {
+    fn default() -> Self {
+        NatTestConfig { addresses: Vec::new(), port: 3478, replies_per_sec: 2000 }
+    }
+}
+
+impl NatTestConfig {
+    pub fn enabled(&self) -> bool {
+        !self.addresses.is_empty()
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        match self.addresses.as_slice() {
+            [a, b] if a.is_ipv4() == b.is_ipv4() && a != b => {}
+            _ => bail!("nat_test.addresses must be two different addresses of one family (primary, alternate)"),
+        }
+        if self.port == 0 || self.port == u16::MAX || self.replies_per_sec == 0 {
+            bail!("nat_test.port must be 1..65534 (it also uses port + 1) and nat_test.replies_per_sec > 0");
+        }
+        Ok(())
+    }
 }
 
 /// The XDP fast path (`[xdp]`): off unless interfaces are named.
@@ -133,6 +172,7 @@ impl Default for Config {
             limits: Limits::default(),
             ebpf_steering: true,
             xdp: XdpConfig::default(),
+            nat_test: NatTestConfig::default(),
         }
     }
 }
@@ -193,7 +233,7 @@ impl Config {
         if l.session_idle_timeout_secs == 0 || l.control_idle_timeout_secs == 0 {
             bail!("idle timeouts must be at least one second");
         }
-        Ok(())
+        self.nat_test.validate()
     }
 }
 

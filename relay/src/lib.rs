@@ -8,6 +8,7 @@ pub mod core;
 pub mod ebpf;
 pub mod io;
 pub mod metrics;
+pub mod nat_test;
 pub mod pki;
 pub mod policy;
 pub mod ratelimit;
@@ -34,6 +35,7 @@ pub struct Relay {
     pub shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     admin: Option<ztna_metrics_http::Endpoint>,
+    nat_test: Option<nat_test::NatTestResponder>,
 }
 
 impl Relay {
@@ -69,6 +71,10 @@ impl Relay {
         let shared = Arc::new(Shared::new(config, local_addr, policy, n as u8, mailboxes, kernel, kernel_counters));
         shared.metrics.set_io_backend(shared.config.io.as_str());
         let admin = ztna_metrics_http::Endpoint::start(admin_addr, shared.clone())?;
+        let nat_test = match shared.config.nat_test.enabled() {
+            true => Some(nat_test::NatTestResponder::start(&shared.config.nat_test, &shared.metrics)?),
+            false => None,
+        };
 
         let mut workers = Vec::with_capacity(n);
         for (i, (socket, inbox)) in sockets.into_iter().zip(inboxes).enumerate() {
@@ -85,11 +91,16 @@ impl Relay {
             workers.push(handle);
         }
         tracing::info!(listen = %local_addr, admin = %admin.addr, workers = n, io = %shared.config.io, "relay started");
-        Ok(Relay { shared, workers, admin: Some(admin) })
+        Ok(Relay { shared, workers, admin: Some(admin), nat_test })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.local_addr
+    }
+
+    /// The NAT-test responder's primary address, when it runs.
+    pub fn nat_test_addr(&self) -> Option<SocketAddr> {
+        self.nat_test.as_ref().map(|n| n.primary)
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -125,6 +136,7 @@ impl Relay {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+        self.nat_test.take();
         self.admin.take();
     }
 }

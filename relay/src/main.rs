@@ -84,6 +84,13 @@ struct RunArgs {
     /// Do not load the SK_REUSEPORT steering program (user-space hand-offs only).
     #[arg(long)]
     no_ebpf_steering: bool,
+    /// Run the NAT-test responder on two addresses of this host, PRIMARY,ALTERNATE (for
+    /// `ztna-agent check --nat-test`).
+    #[arg(long = "nat-test", value_delimiter = ',')]
+    nat_test: Vec<std::net::IpAddr>,
+    /// Its port (it also uses the next one; default 3478).
+    #[arg(long)]
+    nat_test_port: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -177,6 +184,8 @@ fn run(args: RunArgs) -> Result<()> {
     if let Some(v) = args.xdp_mode { cfg.xdp.mode = v }
     if args.xdp_no_forward { cfg.xdp.forward = false }
     if args.no_ebpf_steering { cfg.ebpf_steering = false }
+    if !args.nat_test.is_empty() { cfg.nat_test.addresses = args.nat_test }
+    if let Some(v) = args.nat_test_port { cfg.nat_test.port = v }
 
     let nothing_exists = !cfg.cert.exists() && !cfg.key.exists() && !cfg.ca.exists();
     if cfg.dev_pki && nothing_exists {

@@ -137,7 +137,17 @@ pub struct Metrics {
     pub blocklisted: Counter,
     signaling: Family<SignalLabel, Counter>,
     pub sessions_direct: Gauge,
+    nat_test: Family<ResultLabel, Counter>,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+/// What the NAT-test responder did with a datagram: `answered`; `malformed` (not a probe);
+/// `rate_limited` (over `nat_test.replies_per_sec`); `send_failed`.
+pub const NAT_TEST_RESULTS: [&str; 4] = ["answered", "malformed", "rate_limited", "send_failed"];
 
 impl Metrics {
     pub fn new(workers: usize) -> Self {
@@ -169,6 +179,7 @@ impl Metrics {
             blocklisted: Counter::default(),
             signaling: Family::default(),
             sessions_direct: Gauge::default(),
+            nat_test: Family::default(),
             registry: Registry::default(),
         };
         registry.register("packets_received", "UDP datagrams received, per worker", m.packets_in.clone());
@@ -213,6 +224,11 @@ impl Metrics {
             "Sessions whose tunnel reports a direct peer-to-peer path (the relay carries none of their traffic)",
             m.sessions_direct.clone(),
         );
+        registry.register(
+            "nat_test_probes",
+            "Datagrams at the NAT-test responder (RFC 5780-style mapping and filtering tests), by result",
+            m.nat_test.clone(),
+        );
         registry.register("config_reloads", "Certificate and policy reloads (SIGHUP), by result", m.reloads.clone());
         // A gauge fixed at 1 rather than an OpenMetrics `info`, which Prometheus' text
         // parser (and promtool) do not accept.
@@ -246,6 +262,9 @@ impl Metrics {
             for result in SIGNAL_RESULTS {
                 let _ = m.signaling.get_or_create(&SignalLabel { message: message.into(), result: result.into() });
             }
+        }
+        for r in NAT_TEST_RESULTS {
+            let _ = m.nat_test.get_or_create(&ResultLabel { result: r.into() });
         }
         for f in ["ipv4", "ipv6"] {
             let _ = m.qad_reports.get_or_create(&FamilyLabel { family: f.into() });
@@ -294,6 +313,11 @@ impl Metrics {
     /// A path signalling message (one of [`SIGNAL_MESSAGES`]) had `result` ([`SIGNAL_RESULTS`]).
     pub fn signal(&self, message: &str, result: &str) {
         self.signaling.get_or_create(&SignalLabel { message: message.into(), result: result.into() }).inc();
+    }
+
+    /// The counter of NAT-test datagrams with `result` (one of [`NAT_TEST_RESULTS`]).
+    pub fn nat_test(&self, result: &str) -> Counter {
+        self.nat_test.get_or_create(&ResultLabel { result: result.into() }).clone()
     }
 
     pub fn handshake(&self, ok: bool) {

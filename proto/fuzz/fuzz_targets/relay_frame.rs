@@ -6,7 +6,7 @@ use std::net::{Ipv6Addr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
 use ztna_proto::Frame;
-use ztna_proto::frame::{QAD_PROBE_MIN_LEN, encode_data, is_relay_frame, write_qad_reply};
+use ztna_proto::frame::{PUNCH_LEN, QAD_PROBE_MIN_LEN, encode_data, is_relay_frame, write_punch, write_qad_reply};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(frame) = Frame::parse(data) else { return };
@@ -28,6 +28,11 @@ fuzz_target!(|data: &[u8]| {
             let mut reply = [0u8; 64];
             let n = write_qad_reply(nonce, &observed, &mut reply).expect("reply fits");
             assert_eq!(Frame::parse(&reply[..n]), Ok(Frame::QadReply { nonce, observed }));
+        }
+        Frame::Punch { session, token } => {
+            let mut out = [0u8; PUNCH_LEN];
+            write_punch(&session, &token, &mut out);
+            assert_eq!(&out[..], data);
         }
     }
 });
