@@ -22,6 +22,8 @@ command -v nft >/dev/null || need+=(nftables)
 # The lab tests: namespaces and veths, a Python web server behind the connector.
 command -v ip >/dev/null || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)
+# `ztna-bench direct-stream` measures one TCP stream with iperf3.
+command -v iperf3 >/dev/null || need+=(iperf3)
 
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"

@@ -52,44 +52,83 @@ pub struct DirectResult {
 const RELAY: &str = "203.0.113.10:4433";
 const ADMIN: &str = "127.0.0.1:9090";
 
-pub fn run(a: &DirectArgs) -> Result<DirectResult> {
-    crate::interrupt::catch_stop_signals();
-    let relay_bin = relay_under_test::relay_bin(None)?;
-    let (agent_bin, connector_bin) = (sibling_bin("ztna-agent", None)?, sibling_bin("ztna-connector", None)?);
-    let tmp = TempDir::new("bench-direct")?;
-    let dir = tmp.path().to_path_buf();
-    relay_under_test::pki_init(&relay_bin, &dir, &[])?;
-    let script = a.nat_script.clone().unwrap_or_else(natlab::nat_script);
-    let cfg = NatLabConfig { delay_ms: a.delay_ms, ..NatLabConfig::new(a.agent_nat, a.conn_nat) };
-    let mut lab = NatLab::up_tagged(&script, "bd", &cfg)?;
-    let d = dir.display().to_string();
-    let s = |p: &Path| p.display().to_string();
+/// The NAT lab with the relay and a connector serving `web` at `backend` (which the caller
+/// starts in the connector host, `start_backend` receiving the lab and the work directory).
+pub(crate) struct NatLabRun {
+    pub lab: NatLab,
+    pub dir: PathBuf,
+    pub agent_bin: PathBuf,
+    _tmp: TempDir,
+}
 
-    let relay_log = dir.join("relay.log");
-    let relay_args = ztna_testbed::relay::args(&dir, "[::]:4433", ADMIN, ztna_testbed::relay::Workers::Unpinned(2));
-    let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
-    lab.spawn(NatHost::Relay, &relay_bin, &relay_args, &relay_log)?;
-    wait_for_log(&relay_log, "relay started", Duration::from_secs(10))?;
-    let www = dir.join("www");
-    std::fs::create_dir_all(&www)?;
-    std::fs::write(www.join("hello"), "hello\n")?;
-    let backend_log = dir.join("backend.log");
-    let backend = ["-u", "-m", "http.server", "8000", "--bind", "198.51.100.2", "--directory", &s(&www)];
-    lab.spawn(NatHost::Conn, Path::new("python3"), &backend, &backend_log)?;
-    wait_for_log(&backend_log, "Serving HTTP", Duration::from_secs(10))?;
-    let conn_log = dir.join("connector.log");
-    let conn_args = ["--relay", RELAY, "--direct", "on", "--pki-dir", &d, "--name", "web-1", "--service", "web=198.51.100.2:8000"];
-    lab.spawn(NatHost::Conn, &connector_bin, &conn_args, &conn_log)?;
-    wait_for_log(&conn_log, "registered", Duration::from_secs(10))?;
+impl NatLabRun {
+    pub(crate) fn start(
+        tag: &str,
+        cfg: &NatLabConfig,
+        script: Option<&Path>,
+        backend: &str,
+        start_backend: impl FnOnce(&mut NatLab, &Path) -> Result<()>,
+    ) -> Result<NatLabRun> {
+        crate::interrupt::catch_stop_signals();
+        let relay_bin = relay_under_test::relay_bin(None)?;
+        let (agent_bin, connector_bin) = (sibling_bin("ztna-agent", None)?, sibling_bin("ztna-connector", None)?);
+        let tmp = TempDir::new(&format!("bench-{tag}"))?;
+        let dir = tmp.path().to_path_buf();
+        relay_under_test::pki_init(&relay_bin, &dir, &[])?;
+        let script = script.map(Path::to_path_buf).unwrap_or_else(natlab::nat_script);
+        let mut lab = NatLab::up_tagged(&script, tag, cfg)?;
+        let d = dir.display().to_string();
+
+        let relay_log = dir.join("relay.log");
+        let relay_args = ztna_testbed::relay::args(&dir, "[::]:4433", ADMIN, ztna_testbed::relay::Workers::Unpinned(2));
+        let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
+        lab.spawn(NatHost::Relay, &relay_bin, &relay_args, &relay_log)?;
+        wait_for_log(&relay_log, "relay started", Duration::from_secs(10))?;
+        start_backend(&mut lab, &dir)?;
+        let conn_log = dir.join("connector.log");
+        let service = format!("web={backend}");
+        let conn_args = ["--relay", RELAY, "--direct", "on", "--pki-dir", &d, "--name", "web-1", "--service", &service];
+        lab.spawn(NatHost::Conn, &connector_bin, &conn_args, &conn_log)?;
+        wait_for_log(&conn_log, "registered", Duration::from_secs(10))?;
+        Ok(NatLabRun { lab, dir, agent_bin, _tmp: tmp })
+    }
+
+    /// Starts an agent forwarding 127.0.0.1:`port` to `web`; returns its process index and log.
+    pub(crate) fn agent(&mut self, name: &str, port: u16, direct: bool) -> Result<(usize, PathBuf)> {
+        let (d, log) = (self.dir.display().to_string(), self.dir.join(format!("agent-{name}.log")));
+        let forward = format!("{port}:web");
+        let direct = if direct { "on" } else { "off" };
+        let agent_args = ["run", "--relay", RELAY, "--direct", direct, "--pki-dir", &d, "--name", "alice", "-L", &forward];
+        let idx = self.lab.spawn(NatHost::Agent, &self.agent_bin, &agent_args, &log)?;
+        wait_for_log(&log, "TCP forward ready", Duration::from_secs(10))?;
+        Ok((idx, log))
+    }
+
+    /// The relay's metrics (from its admin endpoint on the relay host's loopback).
+    pub(crate) fn relay_metrics(&self) -> Result<String> {
+        self.lab.metrics_text(NatHost::Relay, ADMIN.parse()?)
+    }
+}
+
+pub fn run(a: &DirectArgs) -> Result<DirectResult> {
+    let cfg = NatLabConfig { delay_ms: a.delay_ms, ..NatLabConfig::new(a.agent_nat, a.conn_nat) };
+    let hello = |lab: &mut NatLab, dir: &Path| -> Result<()> {
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www)?;
+        std::fs::write(www.join("hello"), "hello\n")?;
+        let backend_log = dir.join("backend.log");
+        let www = www.display().to_string();
+        let backend = ["-u", "-m", "http.server", "8000", "--bind", "198.51.100.2", "--directory", &www];
+        lab.spawn(NatHost::Conn, Path::new("python3"), &backend, &backend_log)?;
+        wait_for_log(&backend_log, "Serving HTTP", Duration::from_secs(10))
+    };
+    let mut run = NatLabRun::start("bd", &cfg, a.nat_script.as_deref(), "198.51.100.2:8000", hello)?;
 
     let mut times_ms = Vec::new();
     for i in 0..a.runs {
         crate::interrupt::check_interrupted()?;
-        let log = dir.join(format!("agent-{i}.log"));
-        let agent_args = ["run", "--relay", RELAY, "--direct", "on", "--pki-dir", &d, "--name", "alice", "-L", "8080:web"];
-        let idx = lab.spawn(NatHost::Agent, &agent_bin, &agent_args, &log)?;
-        wait_for_log(&log, "TCP forward ready", Duration::from_secs(10))?;
-        let o = lab.output(NatHost::Agent, &["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "http://127.0.0.1:8080/hello"])?;
+        let (idx, log) = run.agent(&i.to_string(), 8080, true)?;
+        let o = run.lab.output(NatHost::Agent, &["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "http://127.0.0.1:8080/hello"])?;
         if !o.status.success() {
             bail!("run {i}: curl failed: {}", String::from_utf8_lossy(&o.stderr));
         }
@@ -99,7 +138,7 @@ pub fn run(a: &DirectArgs) -> Result<DirectResult> {
             took = std::fs::read_to_string(&log)?.lines().find_map(moved_after_ms);
             std::thread::sleep(Duration::from_millis(20));
         }
-        lab.process(idx).stop(Duration::from_secs(3));
+        run.lab.process(idx).stop(Duration::from_secs(3));
         match took {
             Some(ms) => times_ms.push(ms),
             None => eprintln!("run {i}: no direct path within 8 s"),

@@ -10,6 +10,7 @@ mod client;
 mod control_plane;
 mod dataplane;
 mod direct;
+mod direct_stream;
 mod flood;
 mod handshakes;
 mod idle_rss;
@@ -71,6 +72,9 @@ enum Cmd {
     /// Time from a new tunnel's first packet to its move onto a direct path, through the NAT
     /// lab with a one-way delay on each WAN link (root).
     Direct(direct::DirectArgs),
+    /// One TCP stream (iperf3) through the NAT lab: plain kernel TCP, the tunnel on the relay
+    /// path and the tunnel on a direct path, alternating (root).
+    DirectStream(direct_stream::DirectStreamArgs),
     /// Write a trafgen (netsniff-ng) config with one DATA frame per session of a sessions file.
     ExportTrafgen(sessions::ExportTrafgenArgs),
     /// Write a classic pcap with one DATA frame per session of a sessions file.
@@ -129,6 +133,11 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Direct(a) => {
             let r = direct::run(&a)?;
             direct::print(&r);
+            write_json(a.json.as_deref(), &r)
+        }
+        Cmd::DirectStream(a) => {
+            let r = direct_stream::run(&a)?;
+            direct_stream::print(&r);
             write_json(a.json.as_deref(), &r)
         }
         Cmd::BaselineForwarder(a) => baseline::run(&a).map(|_| ()),
