@@ -58,6 +58,9 @@ pub(crate) struct NatLabRun {
     pub lab: NatLab,
     pub dir: PathBuf,
     pub agent_bin: PathBuf,
+    /// The relay's process index in the lab.
+    pub relay: usize,
+    pub connector: usize,
     _tmp: TempDir,
 }
 
@@ -67,6 +70,7 @@ impl NatLabRun {
         cfg: &NatLabConfig,
         script: Option<&Path>,
         backend: &str,
+        relay_extra: &[&str],
         start_backend: impl FnOnce(&mut NatLab, &Path) -> Result<()>,
     ) -> Result<NatLabRun> {
         crate::interrupt::catch_stop_signals();
@@ -80,17 +84,18 @@ impl NatLabRun {
         let d = dir.display().to_string();
 
         let relay_log = dir.join("relay.log");
-        let relay_args = ztna_testbed::relay::args(&dir, "[::]:4433", ADMIN, ztna_testbed::relay::Workers::Unpinned(2));
+        let mut relay_args = ztna_testbed::relay::args(&dir, "[::]:4433", ADMIN, ztna_testbed::relay::Workers::Unpinned(2));
+        relay_args.extend(relay_extra.iter().map(|a| a.to_string()));
         let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
-        lab.spawn(NatHost::Relay, &relay_bin, &relay_args, &relay_log)?;
+        let relay = lab.spawn(NatHost::Relay, &relay_bin, &relay_args, &relay_log)?;
         wait_for_log(&relay_log, "relay started", Duration::from_secs(10))?;
         start_backend(&mut lab, &dir)?;
         let conn_log = dir.join("connector.log");
         let service = format!("web={backend}");
         let conn_args = ["--relay", RELAY, "--direct", "on", "--pki-dir", &d, "--name", "web-1", "--service", &service];
-        lab.spawn(NatHost::Conn, &connector_bin, &conn_args, &conn_log)?;
+        let connector = lab.spawn(NatHost::Conn, &connector_bin, &conn_args, &conn_log)?;
         wait_for_log(&conn_log, "registered", Duration::from_secs(10))?;
-        Ok(NatLabRun { lab, dir, agent_bin, _tmp: tmp })
+        Ok(NatLabRun { lab, dir, agent_bin, relay, connector, _tmp: tmp })
     }
 
     /// Starts an agent forwarding 127.0.0.1:`port` to `web`; returns its process index and log.
@@ -110,19 +115,30 @@ impl NatLabRun {
     }
 }
 
+/// Where [`hello_backend`] listens.
+pub(crate) const HELLO_BACKEND: &str = "198.51.100.2:8000";
+
+/// A web server in the connector host with one small file, `/hello`.
+pub(crate) fn hello_backend(lab: &mut NatLab, dir: &Path) -> Result<()> {
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("hello"), "hello\n")?;
+    let backend_log = dir.join("backend.log");
+    let www = www.display().to_string();
+    // `python3 -m http.server`, but with a listen backlog for a storm of connections (its
+    // default of 5 drops SYNs, and each drop costs the client a retransmission second).
+    let server = "import functools, http.server, sys\n\
+        class Server(http.server.ThreadingHTTPServer): request_queue_size = 4096\n\
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])\n\
+        print('Serving HTTP', flush=True)\n\
+        Server(('198.51.100.2', 8000), handler).serve_forever()";
+    lab.spawn(NatHost::Conn, Path::new("python3"), &["-c", server, &www], &backend_log)?;
+    wait_for_log(&backend_log, "Serving HTTP", Duration::from_secs(10))
+}
+
 pub fn run(a: &DirectArgs) -> Result<DirectResult> {
     let cfg = NatLabConfig { delay_ms: a.delay_ms, ..NatLabConfig::new(a.agent_nat, a.conn_nat) };
-    let hello = |lab: &mut NatLab, dir: &Path| -> Result<()> {
-        let www = dir.join("www");
-        std::fs::create_dir_all(&www)?;
-        std::fs::write(www.join("hello"), "hello\n")?;
-        let backend_log = dir.join("backend.log");
-        let www = www.display().to_string();
-        let backend = ["-u", "-m", "http.server", "8000", "--bind", "198.51.100.2", "--directory", &www];
-        lab.spawn(NatHost::Conn, Path::new("python3"), &backend, &backend_log)?;
-        wait_for_log(&backend_log, "Serving HTTP", Duration::from_secs(10))
-    };
-    let mut run = NatLabRun::start("bd", &cfg, a.nat_script.as_deref(), "198.51.100.2:8000", hello)?;
+    let mut run = NatLabRun::start("bd", &cfg, a.nat_script.as_deref(), HELLO_BACKEND, &[], hello_backend)?;
 
     let mut times_ms = Vec::new();
     for i in 0..a.runs {
@@ -162,7 +178,7 @@ pub fn run(a: &DirectArgs) -> Result<DirectResult> {
 }
 
 /// `after=35.03ms` (or `after=1.2s`) of an agent's "moved to a direct path" line, in ms.
-fn moved_after_ms(line: &str) -> Option<f64> {
+pub(crate) fn moved_after_ms(line: &str) -> Option<f64> {
     if !line.contains("tunnel moved to a direct path") {
         return None;
     }

@@ -10,6 +10,7 @@ mod client;
 mod control_plane;
 mod dataplane;
 mod direct;
+mod direct_storm;
 mod direct_stream;
 mod flood;
 mod handshakes;
@@ -75,6 +76,9 @@ enum Cmd {
     /// One TCP stream (iperf3) through the NAT lab: plain kernel TCP, the tunnel on the relay
     /// path and the tunnel on a direct path, alternating (root).
     DirectStream(direct_stream::DirectStreamArgs),
+    /// Many tunnels punching at once through the NAT lab: success rate, time to direct and the
+    /// relay's CPU during the storm (root).
+    DirectStorm(direct_storm::DirectStormArgs),
     /// Write a trafgen (netsniff-ng) config with one DATA frame per session of a sessions file.
     ExportTrafgen(sessions::ExportTrafgenArgs),
     /// Write a classic pcap with one DATA frame per session of a sessions file.
@@ -138,6 +142,11 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::DirectStream(a) => {
             let r = direct_stream::run(&a)?;
             direct_stream::print(&r);
+            write_json(a.json.as_deref(), &r)
+        }
+        Cmd::DirectStorm(a) => {
+            let r = direct_storm::run(&a)?;
+            direct_storm::print(&r);
             write_json(a.json.as_deref(), &r)
         }
         Cmd::BaselineForwarder(a) => baseline::run(&a).map(|_| ()),

@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod connector;
 pub mod streams;
+mod table;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ use crate::path::{PathLayer, Side};
 use crate::tls::ClientTls;
 use crate::tunnel::{PathChange, PathWork, Tunnel};
 use streams::Streams;
+use table::TunnelTable;
 
 /// The tracing target of the engine's log lines (`ztna_client::engine: lost the relay`).
 pub const LOG: &str = "ztna_client::engine";
@@ -111,7 +113,7 @@ pub struct Core {
     reconnect_at: Option<Instant>,
     ever_connected: bool,
     tunnel_config: quiche::Config,
-    tunnels: HashMap<SessionId, Tunnel>,
+    tunnels: TunnelTable,
     /// Relayed peer candidates of sessions without a tunnel yet.
     pending_candidates: HashMap<SessionId, ([u8; PUNCH_TOKEN_LEN], Vec<Candidate>)>,
     /// Our address as the relay last reported it (QAD): a change is a new candidate.
@@ -304,10 +306,8 @@ impl Core {
         if let Some(t) = self.control.as_ref().and_then(|c| c.timeout(now)) {
             wait = wait.min(t);
         }
-        for t in self.tunnels.values() {
-            if let Some(d) = t.timeout(now) {
-                wait = wait.min(d);
-            }
+        if let Some(at) = self.tunnels.next_deadline() {
+            wait = wait.min(at.saturating_duration_since(now));
         }
         wait
     }
@@ -319,10 +319,13 @@ impl Core {
                 let _ = socket.send_to(&self.txbuf[..n], to).await;
             }
         }
-        for t in self.tunnels.values_mut() {
+        // Only tunnels that changed can have something new to send.
+        for session in self.tunnels.take_touched() {
+            let Some(t) = self.tunnels.for_flush(&session) else { continue };
             while let Some((n, to)) = t.poll_transmit(&mut self.txbuf) {
                 let _ = socket.send_to(&self.txbuf[..n], to).await;
             }
+            self.tunnels.flushed(session, Instant::now());
         }
     }
 }
@@ -352,7 +355,7 @@ impl<R: Role> Engine<R> {
             backoff: Backoff::default(),
             reconnect_at: Some(Instant::now()),
             ever_connected: false,
-            tunnels: HashMap::new(),
+            tunnels: TunnelTable::default(),
             pending_candidates: HashMap::new(),
             observed: None,
             path_work: PathWork::default(),
@@ -443,7 +446,7 @@ impl<R: Role> Engine<R> {
     fn disconnected(&mut self, why: &str) {
         tracing::warn!(reason = why, "lost the relay; open flows are reset, reconnecting");
         self.core.lose_control();
-        let sessions: Vec<SessionId> = self.core.tunnels.keys().copied().collect();
+        let sessions: Vec<SessionId> = self.core.tunnels.sessions();
         for s in sessions {
             self.close_tunnel(s, "relay connection lost");
         }
@@ -473,7 +476,7 @@ impl<R: Role> Engine<R> {
                 let previous = self.core.observed.replace(addr);
                 if previous.is_some_and(|p| p != addr) {
                     // Rebinding: our peers' candidates for us are stale.
-                    let sessions: Vec<SessionId> = self.core.tunnels.keys().copied().collect();
+                    let sessions: Vec<SessionId> = self.core.tunnels.sessions();
                     for s in sessions {
                         self.core.announce_candidates(s, Some(addr));
                     }
@@ -584,8 +587,7 @@ impl<R: Role> Engine<R> {
     }
 
     /// Punching, probing and liveness of every tunnel's direct paths.
-    fn drive_paths(&mut self, now: Instant) {
-        let sessions: Vec<SessionId> = self.core.tunnels.keys().copied().collect();
+    fn drive_paths(&mut self, now: Instant, sessions: Vec<SessionId>) {
         let mut punch = [0u8; frame::PUNCH_LEN];
         for s in sessions {
             let core = &mut self.core;
@@ -668,8 +670,9 @@ impl<R: Role> Engine<R> {
                 self.disconnected(&err.to_string());
             }
         }
-        let sessions: Vec<SessionId> = self.core.tunnels.keys().copied().collect();
-        for s in sessions {
+        // Touched since the last flush or due; the others have nothing to do until their deadline.
+        let sessions = self.core.tunnels.needing_service(now);
+        for &s in &sessions {
             if let Some(t) = self.core.tunnels.get_mut(&s) {
                 if t.timeout(now).is_some_and(|d| d.is_zero()) {
                     t.on_timeout(now);
@@ -681,7 +684,7 @@ impl<R: Role> Engine<R> {
             }
             self.service_tunnel(s);
         }
-        self.drive_paths(now);
+        self.drive_paths(now, sessions);
         self.role.on_timers(now);
         Ok(())
     }
