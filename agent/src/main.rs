@@ -194,8 +194,8 @@ async fn check(args: &RelayArgs, service: Option<&str>, json: bool, nat_test: Op
             Some(n) => {
                 let (direct, relayed) = n.reach();
                 format!(
-                    "{{\"type\":{:?},\"mapping\":\"{:?}\",\"filtering\":\"{:?}\",\"mapped\":\"{}\",\"direct_with\":{direct:?},\"relayed_with\":{relayed:?}}}",
-                    n.name(), n.mapping, n.filtering, n.mapped
+                    "{{\"type\":{:?},\"mapping\":\"{}\",\"filtering\":\"{}\",\"mapped\":\"{}\",\"direct_with\":{direct:?},\"relayed_with\":{relayed:?}}}",
+                    n.name(), n.mapping.name(), n.filtering.name(), n.mapped
                 )
             }
         };
@@ -219,7 +219,7 @@ async fn check(args: &RelayArgs, service: Option<&str>, json: bool, nat_test: Op
         }
         if let Some(n) = &nat {
             let (direct, relayed) = n.reach();
-            println!("nat         {} ({:?} mapping, {:?} filtering; mapped to {})", n.name(), n.mapping, n.filtering, n.mapped);
+            println!("nat         {} ({} mapping, {} filtering; mapped to {})", n.name(), n.mapping.name(), n.filtering.name(), n.mapped);
             println!("direct      with peers behind: {}", direct.join(", "));
             println!("relayed     with peers behind: {}", if relayed.is_empty() { "(none)".to_string() } else { relayed.join(", ") });
         }

@@ -31,6 +31,28 @@ pub enum Filtering {
     AddressAndPortDependent,
 }
 
+impl Mapping {
+    /// RFC 4787's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mapping::EndpointIndependent => "endpoint-independent",
+            Mapping::AddressDependent => "address-dependent",
+            Mapping::AddressAndPortDependent => "address-and-port-dependent",
+        }
+    }
+}
+
+impl Filtering {
+    /// RFC 4787's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Filtering::EndpointIndependent => "endpoint-independent",
+            Filtering::AddressDependent => "address-dependent",
+            Filtering::AddressAndPortDependent => "address-and-port-dependent",
+        }
+    }
+}
+
 /// The answers of the tests; `None` where no reply came.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Observations {
