@@ -20,6 +20,15 @@ pub struct DirectArgs {
     /// Tunnels to open, one agent each.
     #[arg(long, default_value_t = 50)]
     pub runs: usize,
+    #[command(flatten)]
+    pub lab: NatPairArgs,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// The NAT lab a direct-path benchmark runs in: the two router types and the WAN delay.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatPairArgs {
     /// One-way delay on each router's WAN link, in ms (0: none).
     #[arg(long, default_value_t = 10)]
     pub delay_ms: u32,
@@ -30,8 +39,12 @@ pub struct DirectArgs {
     /// `deploy/lab/nat.sh` (default: the workspace's).
     #[arg(long)]
     pub nat_script: Option<PathBuf>,
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+}
+
+impl NatPairArgs {
+    pub fn config(&self) -> NatLabConfig {
+        NatLabConfig { delay_ms: self.delay_ms, ..NatLabConfig::new(self.agent_nat, self.conn_nat) }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -137,8 +150,7 @@ pub(crate) fn hello_backend(lab: &mut NatLab, dir: &Path) -> Result<()> {
 }
 
 pub fn run(a: &DirectArgs) -> Result<DirectResult> {
-    let cfg = NatLabConfig { delay_ms: a.delay_ms, ..NatLabConfig::new(a.agent_nat, a.conn_nat) };
-    let mut run = NatLabRun::start("bd", &cfg, a.nat_script.as_deref(), HELLO_BACKEND, &[], hello_backend)?;
+    let mut run = NatLabRun::start("bd", &a.lab.config(), a.lab.nat_script.as_deref(), HELLO_BACKEND, &[], hello_backend)?;
 
     let mut times_ms = Vec::new();
     for i in 0..a.runs {
@@ -166,9 +178,9 @@ pub fn run(a: &DirectArgs) -> Result<DirectResult> {
     Ok(DirectResult {
         runs: a.runs,
         direct: times_ms.len(),
-        delay_ms: a.delay_ms,
-        agent_nat: a.agent_nat.to_string(),
-        conn_nat: a.conn_nat.to_string(),
+        delay_ms: a.lab.delay_ms,
+        agent_nat: a.lab.agent_nat.to_string(),
+        conn_nat: a.lab.conn_nat.to_string(),
         p50_ms: q(0.5),
         p99_ms: q(0.99),
         min_ms: sorted.first().copied().unwrap_or(f64::NAN),

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde::Serialize;
-use ztna_testbed::natlab::{NatHost, NatLabConfig, NatType};
+use ztna_testbed::natlab::NatHost;
 
-use crate::direct::{HELLO_BACKEND, NatLabRun, hello_backend, moved_after_ms};
+use crate::direct::{HELLO_BACKEND, NatLabRun, NatPairArgs, hello_backend, moved_after_ms};
 use crate::sys::cpu_seconds;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -19,17 +19,11 @@ pub struct DirectStormArgs {
     /// Agents, one tunnel each, all punching at once.
     #[arg(long, default_value_t = 1000)]
     pub agents: usize,
-    #[arg(long, default_value_t = 10)]
-    pub delay_ms: u32,
-    #[arg(long, default_value = "port-restricted")]
-    pub agent_nat: NatType,
-    #[arg(long, default_value = "port-restricted")]
-    pub conn_nat: NatType,
+    #[command(flatten)]
+    pub lab: NatPairArgs,
     /// How long to wait for the tunnels to go direct after the requests.
     #[arg(long, default_value_t = 30)]
     pub wait_secs: u64,
-    #[arg(long)]
-    pub nat_script: Option<PathBuf>,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -57,10 +51,9 @@ pub struct DirectStormResult {
 }
 
 pub fn run(a: &DirectStormArgs) -> Result<DirectStormResult> {
-    let cfg = NatLabConfig { delay_ms: a.delay_ms, ..NatLabConfig::new(a.agent_nat, a.conn_nat) };
     // Every agent comes from the one router address: lift the per-source handshake limit.
     let relay_extra = ["--handshake-rate", "1000000", "--handshake-burst", "1000000"];
-    let mut run = NatLabRun::start("bm", &cfg, a.nat_script.as_deref(), HELLO_BACKEND, &relay_extra, hello_backend)?;
+    let mut run = NatLabRun::start("bm", &a.lab.config(), a.lab.nat_script.as_deref(), HELLO_BACKEND, &relay_extra, hello_backend)?;
     let connector_pid = run.lab.process(run.connector).pid();
     let relay_pid = run.lab.process(run.relay).pid();
     let mut logs = Vec::with_capacity(a.agents);
@@ -109,9 +102,9 @@ pub fn run(a: &DirectStormArgs) -> Result<DirectStormResult> {
     let q = |p: f64| sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
     Ok(DirectStormResult {
         agents: a.agents,
-        delay_ms: a.delay_ms,
-        agent_nat: a.agent_nat.to_string(),
-        conn_nat: a.conn_nat.to_string(),
+        delay_ms: a.lab.delay_ms,
+        agent_nat: a.lab.agent_nat.to_string(),
+        conn_nat: a.lab.conn_nat.to_string(),
         requests_ok,
         requests_secs,
         direct: sorted.len(),
