@@ -16,11 +16,14 @@ pub struct DirectConfig {
     pub enabled: bool,
     /// Empty: every usable address.
     pub host_prefixes: Vec<Prefix>,
+    /// Direct traffic on a socket of its own, bound here ([`crate::p2p`]); `None`: on the
+    /// client's one socket.
+    pub p2p_socket: Option<SocketAddr>,
 }
 
 impl Default for DirectConfig {
     fn default() -> Self {
-        DirectConfig { enabled: true, host_prefixes: Vec::new() }
+        DirectConfig { enabled: true, host_prefixes: Vec::new(), p2p_socket: None }
     }
 }
 

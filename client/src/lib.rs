@@ -12,6 +12,7 @@ pub mod flows;
 pub mod keepalive;
 pub mod metrics;
 pub mod nat_type;
+pub mod p2p;
 pub mod path;
 pub mod target;
 pub mod tls;

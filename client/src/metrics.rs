@@ -86,7 +86,7 @@ impl ClientMetrics {
         registry.register("punches_sent", "PUNCH frames sent", m.punches_sent.clone());
         registry.register(
             "direct_rejected",
-            "Datagrams from outside the relay that were refused (not_authentic: not a packet of the tunnel; unknown_session; direct_off: direct paths are off)",
+            "Datagrams from outside the relay that were refused (not_authentic: not a packet of the tunnel; unknown_session; direct_off: direct paths are off; wrong_socket: relay traffic on the peer-to-peer socket or direct traffic on the main one; stray_qad_reply: a QAD reply to no probe of ours)",
             m.direct_rejected.clone(),
         );
         registry.register_with_unit(
@@ -107,7 +107,7 @@ impl ClientMetrics {
         for o in ["known", "learned", "rejected"] {
             let _ = m.punches_received.get_or_create(&label("result", o));
         }
-        for r in ["not_authentic", "unknown_session", "direct_off"] {
+        for r in ["not_authentic", "unknown_session", "direct_off", "wrong_socket", "stray_qad_reply"] {
             let _ = m.direct_rejected.get_or_create(&label("reason", r));
         }
         ClientMetrics { registry, ..m }

@@ -53,7 +53,7 @@ pub struct DirectArgs {
 impl DirectArgs {
     pub fn config(&self) -> Result<crate::candidates::DirectConfig> {
         let prefixes = self.host_candidates.iter().map(|p| crate::candidates::Prefix::parse(p)).collect::<Result<_>>()?;
-        Ok(crate::candidates::DirectConfig { enabled: self.direct == "on", host_prefixes: prefixes })
+        Ok(crate::candidates::DirectConfig { enabled: self.direct == "on", host_prefixes: prefixes, p2p_socket: None })
     }
 }
 

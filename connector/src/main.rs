@@ -25,6 +25,11 @@ struct Cli {
     relay: RelayArgs,
     #[command(flatten)]
     direct: DirectArgs,
+    /// Send and receive direct (peer-to-peer) traffic on a socket of its own, bound to PORT
+    /// (all addresses) or ADDR:PORT, for firewalls that treat it apart from the connection to
+    /// the relay; the relay path stays on the main socket. Default: one socket for both.
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = parse_p2p_socket)]
+    p2p_socket: Option<std::net::SocketAddr>,
     /// A service to serve: NAME=HOST:PORT (TCP) or NAME=udp:HOST:PORT; repeatable.
     #[arg(long = "service", required = true)]
     services: Vec<String>,
@@ -59,9 +64,25 @@ fn parse_service(s: &str) -> Result<ServiceMap> {
     Ok(ServiceMap { name: name.to_owned(), backend })
 }
 
+fn parse_p2p_socket(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok((std::net::Ipv6Addr::UNSPECIFIED, port).into());
+    }
+    s.parse().map_err(|_| format!("{s:?} is neither a port nor ADDR:PORT"))
+}
+
 fn main() -> ExitCode {
     ztna_client::cli::init_logging("info");
     ztna_client::cli::run("ztna-connector: error", run(Cli::parse()))
+}
+
+fn direct_config(cli: &Cli) -> Result<ztna_client::candidates::DirectConfig> {
+    let mut direct = cli.direct.config()?;
+    if cli.p2p_socket.is_some() && !direct.enabled {
+        bail!("--p2p-socket is for direct traffic, and --direct is off");
+    }
+    direct.p2p_socket = cli.p2p_socket;
+    Ok(direct)
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -84,7 +105,7 @@ async fn run(cli: Cli) -> Result<()> {
         tls: cli.relay.tls("connector", "web-1"),
         software: concat!("ztna-connector/", env!("CARGO_PKG_VERSION")).into(),
         connect_timeout: cli.relay.timeout(),
-        direct: cli.direct.config()?,
+        direct: direct_config(&cli)?,
     };
     let engine = Engine::new(cfg, metrics, |events| Connector::new(backends, events))?;
     match cli.run_for {

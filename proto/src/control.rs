@@ -179,6 +179,10 @@ pub enum Message {
     Candidates { session: SessionId, candidates: Vec<Candidate> },
     /// C->R: which path the session's tunnel uses now (`direct` or via the relay).
     PathStatus { session: SessionId, direct: bool },
+    /// C->R: this client sends and receives direct traffic on a socket of its own, which a
+    /// stateless QAD probe (§8.3) saw at `addr`: the relay announces that address, not the
+    /// control connection's, as this side's server-reflexive candidate of new sessions (§14.6).
+    DirectAddress { addr: SocketAddr },
     /// R->C, answer to Hello: the identity and role the relay authenticated, and the
     /// services the policy lets it reach (agent) or serve (connector).
     Welcome { version: u16, role: Role, identity: String, services: Vec<String> },
@@ -208,6 +212,7 @@ pub const TYPE_CLOSE_SESSION: u8 = 0x04;
 pub const TYPE_PING: u8 = 0x05;
 pub const TYPE_CANDIDATES: u8 = 0x06;
 pub const TYPE_PATH_STATUS: u8 = 0x07;
+pub const TYPE_DIRECT_ADDRESS: u8 = 0x08;
 pub const TYPE_WELCOME: u8 = 0x81;
 pub const TYPE_OBSERVED_ADDRESS: u8 = 0x82;
 pub const TYPE_REGISTERED: u8 = 0x83;
@@ -261,6 +266,7 @@ impl Message {
             Message::Pong { .. } => TYPE_PONG,
             Message::Candidates { .. } => TYPE_CANDIDATES,
             Message::PathStatus { .. } => TYPE_PATH_STATUS,
+            Message::DirectAddress { .. } => TYPE_DIRECT_ADDRESS,
             Message::PeerCandidates { .. } => TYPE_PEER_CANDIDATES,
         }
     }
@@ -307,6 +313,7 @@ impl Message {
                 out.extend_from_slice(&seq.to_be_bytes());
                 addr::encode(a, out);
             }
+            Message::DirectAddress { addr: a } => addr::encode(a, out),
             Message::SessionOffer { session, request_id, service, peer_role, peer_identity } => {
                 out.extend_from_slice(session.as_bytes());
                 out.extend_from_slice(&request_id.to_be_bytes());
@@ -359,6 +366,7 @@ impl Message {
                 services: read_services(&mut r, kind)?,
             },
             TYPE_OBSERVED_ADDRESS => Message::ObservedAddress { seq: r.u32().map_err(malformed)?, addr: addr::decode(&mut r).map_err(malformed)? },
+            TYPE_DIRECT_ADDRESS => Message::DirectAddress { addr: addr::decode(&mut r).map_err(malformed)? },
             TYPE_REGISTERED => Message::Registered { services: read_services(&mut r, kind)? },
             TYPE_SESSION_OFFER => Message::SessionOffer {
                 session: read_session(&mut r).map_err(malformed)?,
@@ -627,6 +635,7 @@ mod tests {
             any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
             (session(), candidates()).prop_map(|(session, candidates)| Message::Candidates { session, candidates }),
             (session(), any::<bool>()).prop_map(|(session, direct)| Message::PathStatus { session, direct }),
+            socket_addr().prop_map(|addr| Message::DirectAddress { addr }),
             (session(), any::<[u8; PUNCH_TOKEN_LEN]>(), candidates())
                 .prop_map(|(session, token, candidates)| Message::PeerCandidates { session, token, candidates }),
         ]
@@ -1012,6 +1021,12 @@ mod tests {
             Message::decode(&frame[2..]),
             Ok(Message::ObservedAddress { seq: 3, addr: SocketAddr::new(IpAddr::V4(v4), 4433) })
         );
+    }
+
+    #[test]
+    fn direct_address_is_the_spec_example() {
+        let msg = Message::DirectAddress { addr: "198.51.100.2:4600".parse().unwrap() };
+        assert_eq!(encoded(&msg), [0x00, 0x08, 0x08, 0x04, 198, 51, 100, 2, 0x11, 0xf8]);
     }
 
     #[test]

@@ -88,11 +88,11 @@ pub struct SignalLabel {
     pub result: String,
 }
 
-/// Path signalling messages (`Candidates`, `PathStatus`) and what became of them.
-pub const SIGNAL_MESSAGES: [&str; 2] = ["candidates", "path_status"];
+/// Path signalling messages (`Candidates`, `PathStatus`, `DirectAddress`) and what became of them.
+pub const SIGNAL_MESSAGES: [&str; 3] = ["candidates", "path_status", "direct_address"];
 /// `forwarded`/`recorded`: taken; `not_a_party`: the sender is not in that session;
-/// `unknown_session`: the session is gone.
-pub const SIGNAL_RESULTS: [&str; 4] = ["forwarded", "recorded", "not_a_party", "unknown_session"];
+/// `unknown_session`: the session is gone; `refused`: not an address anyone can send to.
+pub const SIGNAL_RESULTS: [&str; 5] = ["forwarded", "recorded", "not_a_party", "unknown_session", "refused"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FamilyLabel {

@@ -11,7 +11,17 @@ use crate::sessions::ConnRef;
 pub struct ConnectorEntry {
     pub conn: ConnRef,
     pub identity: Arc<str>,
+    /// The control connection's address: where the connector's relay frames come from and go.
     pub addr: SocketAddr,
+    /// Its separate peer-to-peer socket's address (`DirectAddress`), if it has one.
+    pub direct_addr: Option<SocketAddr>,
+}
+
+impl ConnectorEntry {
+    /// The server-reflexive candidate an agent of a new session is given.
+    pub fn reflexive_candidate(&self) -> SocketAddr {
+        self.direct_addr.unwrap_or(self.addr)
+    }
 }
 
 #[derive(Default)]
@@ -53,9 +63,19 @@ impl Registry {
     }
 
     pub fn update_addr(&mut self, conn: ConnRef, addr: SocketAddr) {
-        for e in self.services.values_mut().flatten().filter(|e| e.conn == conn) {
+        for e in self.entries_of(conn) {
             e.addr = addr;
         }
+    }
+
+    pub fn update_direct_addr(&mut self, conn: ConnRef, addr: SocketAddr) {
+        for e in self.entries_of(conn) {
+            e.direct_addr = Some(addr);
+        }
+    }
+
+    fn entries_of(&mut self, conn: ConnRef) -> impl Iterator<Item = &mut ConnectorEntry> {
+        self.services.values_mut().flatten().filter(move |e| e.conn == conn)
     }
 
     /// A live connector for `service`, round-robin.
@@ -77,7 +97,7 @@ mod tests {
     use super::*;
 
     fn entry(worker: u8, n: u8) -> ConnectorEntry {
-        ConnectorEntry { conn: ConnRef { worker, conn: [n; 8] }, identity: "ztna://connector/x".into(), addr: "192.0.2.9:1".parse().unwrap() }
+        ConnectorEntry { conn: ConnRef { worker, conn: [n; 8] }, identity: "ztna://connector/x".into(), addr: "192.0.2.9:1".parse().unwrap(), direct_addr: None }
     }
 
     #[test]

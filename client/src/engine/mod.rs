@@ -37,6 +37,7 @@ use crate::control::{ClientError, ControlClient, ControlCore, RelayInfo};
 use crate::direct::Punch;
 use crate::flows::{FlowEvent, FlowKey};
 use crate::metrics::ClientMetrics;
+use crate::p2p::P2pSocket;
 use crate::path::{PathLayer, Side};
 use crate::tls::ClientTls;
 use crate::tunnel::{PathChange, PathWork, Tunnel};
@@ -108,6 +109,8 @@ pub struct Core {
     side: Side,
     metrics: Arc<ClientMetrics>,
     socket: Option<UdpSocket>,
+    /// Direct traffic's own socket, when configured; it outlives control connections.
+    p2p: Option<P2pSocket>,
     control: Option<ControlCore>,
     backoff: Backoff,
     reconnect_at: Option<Instant>,
@@ -173,13 +176,17 @@ impl Core {
     }
 
     /// Tells the peer (through the relay) where else it may reach us: our interfaces, and
-    /// `reflexive` when the relay reported a new mapping mid-session (it announced the
-    /// first one itself).
+    /// `reflexive` when our mapping changed mid-session (the relay announced the first one
+    /// itself).
     fn announce_candidates(&mut self, session: SessionId, reflexive: Option<SocketAddr>) {
         if !self.cfg.direct.enabled {
             return;
         }
-        let Some(local) = self.socket.as_ref().and_then(|s| s.local_addr().ok()) else { return };
+        let local = match &self.p2p {
+            Some(p2p) => Some(p2p.local),
+            None => self.socket.as_ref().and_then(|s| s.local_addr().ok()),
+        };
+        let Some(local) = local else { return };
         let mut candidates = host_candidates(local, &self.cfg.direct);
         if let Some(addr) = reflexive {
             candidates.insert(0, Candidate::new(CandidateKind::ServerReflexive, addr));
@@ -281,14 +288,26 @@ impl Core {
         self.reconnect_at = Some(Instant::now() + delay);
     }
 
+    /// Our peer-to-peer socket's reflexive address is new: the relay announces it in new
+    /// sessions, and the peers of open ones hear it now.
+    fn on_p2p_address(&mut self, addr: SocketAddr) {
+        tracing::info!(reflexive = %addr, "the relay sees the peer-to-peer socket at a new address");
+        if !self.send_control(&Message::DirectAddress { addr }) {
+            return;
+        }
+        for s in self.tunnels.sessions() {
+            self.announce_candidates(s, Some(addr));
+        }
+    }
+
     /// Removes a tunnel; its CONNECTION_CLOSE goes out right here (when there is a socket)
     /// and the relay hears that the session is done.
     fn close_tunnel(&mut self, session: SessionId, why: &str) -> Option<Tunnel> {
         let mut t = self.tunnels.remove(&session)?;
         self.metrics.tunnel_path(Some(t.path.current().name()), None);
         let _ = t.conn.close(true, 0, why.as_bytes());
-        if let Some(socket) = &self.socket {
-            while let Some((n, to)) = t.poll_transmit(&mut self.txbuf) {
+        while let Some((n, to)) = t.poll_transmit(&mut self.txbuf) {
+            if let Some(socket) = socket_to(to, self.cfg.relay, self.socket.as_ref(), self.p2p.as_ref()) {
                 let _ = socket.try_send_to(&self.txbuf[..n], to);
             }
         }
@@ -309,6 +328,9 @@ impl Core {
         if let Some(at) = self.tunnels.next_deadline() {
             wait = wait.min(at.saturating_duration_since(now));
         }
+        if let Some(p2p) = &self.p2p {
+            wait = wait.min(p2p.probe.next_send().saturating_duration_since(now));
+        }
         wait
     }
 
@@ -323,11 +345,36 @@ impl Core {
         for session in self.tunnels.take_touched() {
             let Some(t) = self.tunnels.for_flush(&session) else { continue };
             while let Some((n, to)) = t.poll_transmit(&mut self.txbuf) {
+                let Some(socket) = socket_to(to, self.cfg.relay, Some(socket), self.p2p.as_ref()) else { continue };
                 let _ = socket.send_to(&self.txbuf[..n], to).await;
             }
             self.tunnels.flushed(session, Instant::now());
         }
     }
+}
+
+/// The socket a datagram to `to` leaves from: one to the relay from the main socket, one to
+/// a direct peer from the peer-to-peer socket when there is one.
+fn socket_to<'a>(to: SocketAddr, relay: SocketAddr, main: Option<&'a UdpSocket>, p2p: Option<&'a P2pSocket>) -> Option<&'a UdpSocket> {
+    match p2p {
+        Some(p2p) if to != relay => Some(&p2p.socket),
+        _ => main,
+    }
+}
+
+/// Waits until `socket` has a datagram; forever without a socket.
+async fn readable(socket: Option<&UdpSocket>) -> std::io::Result<()> {
+    match socket {
+        Some(s) => s.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Which socket a datagram came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Main,
+    P2p,
 }
 
 /// The engine: the core, driven by one role.
@@ -344,6 +391,10 @@ impl<R: Role> Engine<R> {
     pub fn new(cfg: EngineConfig, metrics: Arc<ClientMetrics>, role: impl FnOnce(mpsc::UnboundedSender<R::Event>) -> R) -> Result<Self> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (flow_tx, flow_events) = mpsc::unbounded_channel();
+        let p2p = match cfg.direct.p2p_socket.filter(|_| cfg.direct.enabled) {
+            Some(addr) => Some(P2pSocket::bind(addr, cfg.relay, Instant::now())?),
+            None => None,
+        };
         let core = Core {
             tunnel_config: cfg.tls.tunnel_config(R::SIDE == Side::Connector)?,
             cfg,
@@ -351,6 +402,7 @@ impl<R: Role> Engine<R> {
             streams: Streams::new(R::SIDE, flow_tx, metrics.clone()),
             metrics,
             socket: None,
+            p2p,
             control: None,
             backoff: Backoff::default(),
             reconnect_at: Some(Instant::now()),
@@ -384,41 +436,23 @@ impl<R: Role> Engine<R> {
             self.core.flush().await;
             let wait = self.core.next_wake(Instant::now());
             enum Wake<E> {
-                Datagram(std::io::Result<(usize, SocketAddr)>),
+                Readable(Via, std::io::Result<()>),
                 Flow(Option<FlowEvent>),
                 Event(Option<E>),
                 Timer,
             }
             let wake = {
-                let socket = &self.core.socket;
-                let rxbuf = &mut self.core.rxbuf;
-                let recv = async move {
-                    match socket {
-                        Some(s) => s.recv_from(rxbuf).await,
-                        None => std::future::pending().await,
-                    }
-                };
                 tokio::select! {
-                    r = recv => Wake::Datagram(r),
+                    r = readable(self.core.socket.as_ref()) => Wake::Readable(Via::Main, r),
+                    r = readable(self.core.p2p.as_ref().map(|p| &p.socket)) => Wake::Readable(Via::P2p, r),
                     f = self.flow_events.recv() => Wake::Flow(f),
                     e = self.events_rx.recv() => Wake::Event(e),
                     _ = tokio::time::sleep(wait) => Wake::Timer,
                 }
             };
             match wake {
-                Wake::Datagram(Ok((n, from))) => {
-                    self.on_datagram(n, ztna_proto::addr::canonical(from));
-                    // Take whatever else is queued before timers and sends: one round of
-                    // acknowledgements and window updates per batch, not per datagram.
-                    for _ in 0..RECV_BATCH {
-                        let Some(socket) = &self.core.socket else { break };
-                        match socket.try_recv_from(&mut self.core.rxbuf) {
-                            Ok((n, from)) => self.on_datagram(n, ztna_proto::addr::canonical(from)),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                Wake::Datagram(Err(e)) => tracing::debug!(error = %e, "socket receive error"),
+                Wake::Readable(via, Ok(())) => self.receive(via),
+                Wake::Readable(_, Err(e)) => tracing::debug!(error = %e, "socket receive error"),
                 Wake::Flow(Some(fe)) => {
                     let t = self.core.tunnels.get_mut(&fe.key().0);
                     self.core.streams.on_flow_event(t, fe);
@@ -432,11 +466,40 @@ impl<R: Role> Engine<R> {
         }
     }
 
+    /// Takes what is queued on one socket, up to a batch, before timers and sends: one round
+    /// of acknowledgements and window updates per batch, not per datagram.
+    fn receive(&mut self, via: Via) {
+        for _ in 0..RECV_BATCH {
+            let socket = match via {
+                Via::Main => self.core.socket.as_ref(),
+                Via::P2p => self.core.p2p.as_ref().map(|p| &p.socket),
+            };
+            let Some(socket) = socket else { return };
+            match socket.try_recv_from(&mut self.core.rxbuf) {
+                Ok((n, from)) => self.on_datagram(n, ztna_proto::addr::canonical(from), via),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => return tracing::debug!(error = %e, "socket receive error"),
+            }
+        }
+    }
+
     async fn connect(&mut self) -> Result<()> {
+        // The peer-to-peer socket's probe goes first, so its answer is likely in by the time
+        // the handshake ends and the relay hears the address before any session is offered.
+        if let Some(p2p) = &mut self.core.p2p {
+            p2p.probe.hurry(Instant::now());
+            p2p.drive(Instant::now(), &mut self.core.dgrambuf);
+        }
         let Some(client) = self.core.dial().await? else { return Ok(()) };
         let info = client.info.clone().ok_or_else(|| anyhow::anyhow!("no relay info"))?;
         self.role.check_relay(&info, !self.core.ever_connected)?;
         self.core.install(client, &info);
+        if self.core.p2p.is_some() {
+            self.receive(Via::P2p);
+            if let Some(addr) = self.core.p2p.as_ref().and_then(|p| p.probe.reflexive()) {
+                self.core.send_control(&Message::DirectAddress { addr });
+            }
+        }
         self.role.on_connected(&mut self.core);
         self.replay();
         Ok(())
@@ -474,7 +537,8 @@ impl<R: Role> Engine<R> {
             Message::ObservedAddress { addr, .. } => {
                 tracing::info!(observed = %addr, "relay reports our address");
                 let previous = self.core.observed.replace(addr);
-                if previous.is_some_and(|p| p != addr) {
+                // With a peer-to-peer socket the main socket's mapping is no direct candidate.
+                if previous.is_some_and(|p| p != addr) && self.core.p2p.is_none() {
                     // Rebinding: our peers' candidates for us are stale.
                     let sessions: Vec<SessionId> = self.core.tunnels.sessions();
                     for s in sessions {
@@ -507,22 +571,37 @@ impl<R: Role> Engine<R> {
         while let Some((datagram, from)) = self.core.replay.pop_front() {
             let n = datagram.len().min(self.core.rxbuf.len());
             self.core.rxbuf[..n].copy_from_slice(&datagram[..n]);
-            self.on_datagram(n, from);
+            self.on_datagram(n, from, Via::Main);
         }
     }
 
-    /// A datagram in `core.rxbuf[..n]`: control QUIC, or a relay frame for a tunnel.
-    fn on_datagram(&mut self, n: usize, from: SocketAddr) {
+    /// A datagram in `core.rxbuf[..n]`, from socket `via`: control QUIC, or a relay frame for
+    /// a tunnel, or the answer to the peer-to-peer socket's QAD probe.
+    fn on_datagram(&mut self, n: usize, from: SocketAddr, via: Via) {
         let core = &mut self.core;
         let datagram = &mut core.rxbuf[..n];
+        let from_relay = from == core.cfg.relay;
         if !frame::is_relay_frame(datagram) {
-            if let Some(control) = &mut core.control {
-                control.on_datagram(datagram, from);
+            match (via, &mut core.control) {
+                (Via::Main, Some(control)) => control.on_datagram(datagram, from),
+                (Via::Main, None) => {}
+                (Via::P2p, _) => core.metrics.direct_rejected("not_authentic"),
             }
             return;
         }
-        if from != core.cfg.relay && !core.cfg.direct.enabled {
+        if via == Via::P2p
+            && let Ok(Frame::QadReply { nonce, observed }) = Frame::parse(datagram)
+        {
+            return self.on_p2p_reply(nonce, observed, from);
+        }
+        if !from_relay && !core.cfg.direct.enabled {
             core.metrics.direct_rejected("direct_off");
+            return;
+        }
+        // With a peer-to-peer socket, direct traffic belongs there and relay traffic on the
+        // main socket: a peer that punched one socket's mapping must be answered from it.
+        if core.p2p.is_some() && (via == Via::P2p) == from_relay {
+            core.metrics.direct_rejected("wrong_socket");
             return;
         }
         let session = match Frame::parse(datagram) {
@@ -548,6 +627,16 @@ impl<R: Role> Engine<R> {
         }
         self.report_path_changes(session);
         self.service_tunnel(session);
+    }
+
+    fn on_p2p_reply(&mut self, nonce: u64, observed: SocketAddr, from: SocketAddr) {
+        let core = &mut self.core;
+        let Some(p2p) = &mut core.p2p else { return };
+        match p2p.probe.on_reply(nonce, observed, from, Instant::now()) {
+            Ok(Some(addr)) => core.on_p2p_address(addr),
+            Ok(None) => {}
+            Err(_) => core.metrics.direct_rejected("stray_qad_reply"),
+        }
     }
 
     /// A PUNCH frame: it opens nothing by itself, but may teach a peer-reflexive address.
@@ -594,9 +683,10 @@ impl<R: Role> Engine<R> {
             let Some(t) = core.tunnels.get_mut(&s) else { continue };
             let mut work = std::mem::take(&mut core.path_work);
             t.drive_paths(now, &mut work);
-            if let (Some(socket), Some(token)) = (&core.socket, t.path.direct.token()) {
+            if let Some(token) = t.path.direct.token() {
                 let n = frame::write_punch(&s, token, &mut punch);
                 for to in work.punches.drain(..) {
+                    let Some(socket) = socket_to(to, core.cfg.relay, core.socket.as_ref(), core.p2p.as_ref()) else { continue };
                     let _ = socket.try_send_to(&punch[..n], to);
                     core.metrics.punches_sent.inc();
                 }
@@ -685,6 +775,9 @@ impl<R: Role> Engine<R> {
             self.service_tunnel(s);
         }
         self.drive_paths(now, sessions);
+        if let Some(p2p) = &mut self.core.p2p {
+            p2p.drive(now, &mut self.core.dgrambuf);
+        }
         self.role.on_timers(now);
         Ok(())
     }

@@ -73,7 +73,7 @@ impl Ctx {
             session,
             owner: self.index,
             addr: connector.addr,
-            msgs: Box::new([offer, peer_candidates(conn.peer())]),
+            msgs: Box::new([offer, peer_candidates(conn.reflexive_candidate())]),
         };
         if self.post(connector.conn.worker, to_connector, sink).is_err() {
             return self.refuse(conn, request_id, ErrorCode::Internal, "the connector's worker is not running".into());
@@ -102,7 +102,7 @@ impl Ctx {
             peer_role: Role::Connector,
             peer_identity: connector.identity.to_string(),
         });
-        conn.send(&peer_candidates(connector.addr));
+        conn.send(&peer_candidates(connector.reflexive_candidate()));
     }
 
     /// Sends a message to worker `to`'s core; one for this worker waits in the local queue

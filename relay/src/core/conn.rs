@@ -55,6 +55,8 @@ pub struct ControlConn {
     sessions: Vec<SessionId>,
     /// Services registered by this connection (connectors).
     registered: Vec<String>,
+    /// Where the client's separate peer-to-peer socket is seen (`DirectAddress`), if it has one.
+    direct_addr: Option<SocketAddr>,
     qad_seq: u32,
     reader: MessageReader,
     outbox: Vec<u8>,
@@ -73,6 +75,7 @@ impl ControlConn {
             identity_text: "".into(),
             sessions: Vec::new(),
             registered: Vec::new(),
+            direct_addr: None,
             qad_seq: 0,
             reader: MessageReader::new(),
             outbox: Vec::new(),
@@ -86,6 +89,20 @@ impl ControlConn {
 
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The address the other side of a new session punches towards: the client's
+    /// peer-to-peer socket when it named one, else the control connection's own address.
+    pub fn reflexive_candidate(&self) -> SocketAddr {
+        self.direct_addr.unwrap_or(self.peer)
+    }
+
+    pub fn set_direct_addr(&mut self, addr: SocketAddr) {
+        self.direct_addr = Some(addr);
+    }
+
+    pub fn direct_addr(&self) -> Option<SocketAddr> {
+        self.direct_addr
     }
 
     pub fn state(&self) -> State {

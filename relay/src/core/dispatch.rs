@@ -105,6 +105,7 @@ impl Ctx {
             (State::Ready, Message::PathStatus { session, direct }) => {
                 self.signal(conn, &id, session, Signal::PathStatus(direct), sink)
             }
+            (State::Ready, Message::DirectAddress { addr }) => self.direct_address(conn, &id, addr),
             (State::Ready, Message::Hello { .. }) => {
                 self.refuse(conn, 0, ErrorCode::ProtocolViolation, "Hello was already sent".into());
             }
@@ -124,6 +125,23 @@ impl Ctx {
         }
         let by = if id.kind == Kind::Agent { Side::Agent } else { Side::Connector };
         let _ = self.post(session.worker(), CoreMsg::Signal { session, by, signal }, sink);
+    }
+
+    /// The client's direct traffic uses a socket of its own: new sessions announce that
+    /// socket's address to the other side (PROTOCOL.md §14.6). Like any candidate it is the
+    /// client's word, checked only for being an address a peer could send to.
+    fn direct_address(&mut self, conn: &mut ControlConn, id: &Identity, addr: SocketAddr) {
+        let metrics = &self.shared.metrics;
+        if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
+            metrics.signal("direct_address", "refused");
+            return self.refuse(conn, 0, ErrorCode::Malformed, format!("{addr} cannot be a direct address"));
+        }
+        metrics.signal("direct_address", "recorded");
+        tracing::debug!(identity = %id, direct = %addr, "direct traffic uses a socket of its own");
+        conn.set_direct_addr(addr);
+        if id.kind == Kind::Connector {
+            self.shared.registry().update_direct_addr(ConnRef { worker: self.index, conn: conn.key() }, addr);
+        }
     }
 
     fn hello(&mut self, conn: &mut ControlConn, id: &Identity, version: u16) {
@@ -165,7 +183,12 @@ impl Ctx {
                 }
                 Decision::Allow => {
                     if !known {
-                        let entry = ConnectorEntry { conn: me, identity: conn.identity_text().clone(), addr: conn.peer() };
+                        let entry = ConnectorEntry {
+                            conn: me,
+                            identity: conn.identity_text().clone(),
+                            addr: conn.peer(),
+                            direct_addr: conn.direct_addr(),
+                        };
                         self.shared.registry().register(&service, entry);
                         self.shared.metrics.registered_connectors.inc();
                         conn.add_registration(service);

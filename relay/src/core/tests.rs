@@ -661,6 +661,47 @@ fn the_offer_carries_each_sides_reflexive_address_and_one_token() {
     }
 }
 
+/// A client with a separate peer-to-peer socket names it once; every later session announces
+/// that address instead of the control connection's, whichever worker holds either side.
+#[test]
+fn a_direct_address_replaces_the_control_address_in_new_offers() {
+    for (agent_home, connector_home) in PLACEMENTS {
+        let mut lab = Lab::new(2, |_| {});
+        let web = lab.connect("connector", "web-1", "198.51.100.2:5000", connector_home);
+        lab.clients[web].send(&Message::Register { services: vec!["web".into()] });
+        lab.run();
+        // After registering: the registry learns it too.
+        let p2p: std::net::SocketAddr = "198.51.100.2:4600".parse().unwrap();
+        lab.clients[web].send(&Message::DirectAddress { addr: p2p });
+        let alice = lab.connect("agent", "alice", "203.0.113.5:6000", agent_home);
+        let agent_p2p: std::net::SocketAddr = "203.0.113.5:4700".parse().unwrap();
+        lab.clients[alice].send(&Message::DirectAddress { addr: agent_p2p });
+        lab.clients[alice].send(&Message::Connect { request_id: 7, service: "web".into() });
+        lab.run();
+        let srflx = |addr| vec![Candidate::new(CandidateKind::ServerReflexive, addr)];
+        let to_agent = peer_candidates(&mut lab.clients[alice]);
+        let to_connector = peer_candidates(&mut lab.clients[web]);
+        assert_eq!(to_agent.iter().map(|c| c.2.clone()).collect::<Vec<_>>(), vec![srflx(p2p)]);
+        assert_eq!(to_connector.iter().map(|c| c.2.clone()).collect::<Vec<_>>(), vec![srflx(agent_p2p)]);
+        assert_eq!(signal_count(&lab, "direct_address", "recorded"), 2);
+
+        // Nobody can send to these: refused, counted, and the last good address stays.
+        for bad in ["0.0.0.0:4600", "198.51.100.2:0", "[ff02::1]:4600"] {
+            lab.clients[web].send(&Message::DirectAddress { addr: bad.parse().unwrap() });
+        }
+        lab.run();
+        let refusals = lab.clients[web].take(|m| match m {
+            Message::Error { code: ErrorCode::Malformed, message, .. } => Some(message.clone()),
+            _ => None,
+        });
+        assert_eq!(refusals.len(), 3, "{refusals:?}");
+        assert_eq!(signal_count(&lab, "direct_address", "refused"), 3);
+        lab.clients[alice].send(&Message::Connect { request_id: 8, service: "web".into() });
+        lab.run();
+        assert_eq!(peer_candidates(&mut lab.clients[alice]).iter().map(|c| c.2.clone()).collect::<Vec<_>>(), vec![srflx(p2p)]);
+    }
+}
+
 #[test]
 fn candidates_reach_only_the_other_party_of_their_session() {
     for (agent_home, connector_home) in PLACEMENTS {
