@@ -86,6 +86,8 @@ pub struct P2pSocket {
     pub socket: UdpSocket,
     pub local: SocketAddr,
     pub probe: ReflexiveProbe,
+    /// The probe being sent.
+    buf: Vec<u8>,
 }
 
 impl P2pSocket {
@@ -98,18 +100,32 @@ impl P2pSocket {
             .with_context(|| format!("binding the peer-to-peer socket {addr}"))?;
         let local = socket.local_addr()?;
         tracing::info!(local = %local, "direct paths use a socket of their own");
-        Ok(P2pSocket { socket, local, probe: ReflexiveProbe::new(relay, now) })
+        Ok(P2pSocket { socket, local, probe: ReflexiveProbe::new(relay, now), buf: Vec::with_capacity(frame::QAD_PROBE_MIN_LEN) })
     }
 
-    /// Sends a probe if one is due.
-    pub fn drive(&mut self, now: Instant, buf: &mut Vec<u8>) {
+    /// Sends a probe if one is due (a full socket buffer loses it; the retransmission follows).
+    pub fn drive(&mut self, now: Instant) {
         let Some(nonce) = self.probe.poll(now) else { return };
-        buf.clear();
-        frame::encode_qad_probe(nonce, buf);
-        if let Err(e) = self.socket.try_send_to(buf, self.probe.relay) {
+        if let Err(e) = self.socket.try_send_to(probe_frame(nonce, &mut self.buf), self.probe.relay) {
             tracing::debug!(error = %e, "cannot send a QAD probe from the peer-to-peer socket");
         }
     }
+
+    /// Sends the next probe now, waiting for the socket if need be: a socket the runtime has
+    /// not polled yet refuses a non-blocking send.
+    pub async fn probe_now(&mut self) {
+        self.probe.hurry(Instant::now());
+        let Some(nonce) = self.probe.poll(Instant::now()) else { return };
+        if let Err(e) = self.socket.send_to(probe_frame(nonce, &mut self.buf), self.probe.relay).await {
+            tracing::debug!(error = %e, "cannot send a QAD probe from the peer-to-peer socket");
+        }
+    }
+}
+
+fn probe_frame(nonce: u64, buf: &mut Vec<u8>) -> &[u8] {
+    buf.clear();
+    frame::encode_qad_probe(nonce, buf);
+    buf
 }
 
 #[cfg(test)]

@@ -47,9 +47,11 @@
 #   deploy/lab/nat.sh down        kill every process in the namespaces and remove them (idempotent)
 #   deploy/lab/nat.sh exec agent|conn|relay|ra|rc|wan|evil CMD...   run a command inside a host
 #                                 (also da|dc, the delay namespaces)
-#   deploy/lab/nat.sh block agent|conn     at that side's router, drop forwarded UDP between
-#                                 WAN and LAN unless it is from or to the relay's addresses
-#                                 (no direct peer-to-peer path; the relay path stays)
+#   deploy/lab/nat.sh block agent|conn [--except-port P]   at that side's router, drop
+#                                 forwarded UDP between WAN and LAN unless it is from or to the
+#                                 relay's addresses (no direct peer-to-peer path; the relay path
+#                                 stays); with --except-port, UDP of the LAN host's port P passes
+#                                 too (a site firewall that lets only a peer-to-peer port out)
 #   deploy/lab/nat.sh unblock agent|conn   remove exactly that block
 #   deploy/lab/nat.sh status
 # LAB_PREFIX (default "nat") names the namespaces <P>-agent, <P>-ra, ..., so parallel labs do
@@ -295,13 +297,21 @@ up() {
 
 # block SIDE: a table of its own at that side's router, so unblock removes exactly it.
 block() {
+    local except=""
+    if [ -n "${2:-}" ]; then
+        # Forward sees inbound packets after the NAT's reverse translation and outbound ones
+        # before it, so the LAN host's own port is what both carry.
+        except="
+        iifname \"wan\" oifname \"lan\" udp dport $2 accept
+        iifname \"lan\" oifname \"wan\" udp sport $2 accept"
+    fi
     in_ns "r$1" nft delete table inet ztna_block 2>/dev/null || true
     in_ns "r$1" nft -f - <<EOF
 table inet ztna_block {
     set relay4 { type ipv4_addr; elements = { $RELAY_V4 } }
     set relay6 { type ipv6_addr; elements = { $RELAY_V6 } }
     chain forward {
-        type filter hook forward priority filter - 10;
+        type filter hook forward priority filter - 10;$except
         iifname "wan" oifname "lan" meta l4proto udp ip saddr != @relay4 drop
         iifname "lan" oifname "wan" meta l4proto udp ip daddr != @relay4 drop
         iifname "wan" oifname "lan" meta l4proto udp ip6 saddr != @relay6 drop
@@ -329,7 +339,14 @@ case "${1:-}" in
         shift
         exec ip netns exec "$n" "$@"
         ;;
-    block) s=$(side "${2:-}"); block "$s" ;;
+    block)
+        s=$(side "${2:-}")
+        case "${3:-}" in
+            "") block "$s" ;;
+            --except-port) [[ "${4:-}" =~ ^[0-9]+$ ]] || usage; block "$s" "$4" ;;
+            *) usage ;;
+        esac
+        ;;
     unblock) s=$(side "${2:-}"); in_ns "r$s" nft delete table inet ztna_block 2>/dev/null || true ;;
     status)
         for h in "${ALL_NS[@]}"; do

@@ -47,10 +47,11 @@ struct Pair {
 
 impl Pair {
     fn start(tag: &str, cfg: &NatLabConfig) -> Pair {
-        Pair::start_with(tag, cfg, FILE_LEN)
+        Pair::start_with(tag, cfg, FILE_LEN, &[])
     }
 
-    fn start_with(tag: &str, cfg: &NatLabConfig, file_len: usize) -> Pair {
+    /// With a test file of `file_len` bytes and `conn_extra` arguments for the connector.
+    fn start_with(tag: &str, cfg: &NatLabConfig, file_len: usize, conn_extra: &[&str]) -> Pair {
         let pki = test_pki(tag);
         let dir = pki.path().to_path_buf();
         let mut lab = NatLab::up_tagged(&natlab::nat_script(), tag, cfg).unwrap_or_else(|e| panic!("{e:#}"));
@@ -71,7 +72,8 @@ impl Pair {
         wait_for_log(&backend_log, "Serving HTTP", Duration::from_secs(10)).unwrap();
         let conn_log = dir.join("connector.log");
         let d = s(&dir);
-        let conn_args = ["--relay", RELAY, "--direct", "on", "--pki-dir", &d, "--name", "web-1", "--service", "web=198.51.100.2:8000", "--metrics", CONN_METRICS];
+        let mut conn_args = vec!["--relay", RELAY, "--direct", "on", "--pki-dir", &d, "--name", "web-1", "--service", "web=198.51.100.2:8000", "--metrics", CONN_METRICS];
+        conn_args.extend(conn_extra);
         lab.spawn(NatHost::Conn, &bin("ztna-connector"), &conn_args, &conn_log).unwrap();
         wait_for_log(&conn_log, "registered", Duration::from_secs(10)).unwrap();
         let agent_log = dir.join("agent.log");
@@ -221,7 +223,7 @@ fn check_reports_nat_type(report: &serde_json::Value, nat: NatType) {
 #[test]
 fn a_blocked_direct_path_falls_back_to_the_relay_and_comes_back() {
     let _turn = take_turn();
-    let pair = Pair::start_with("df", &NatLabConfig::new(NatType::PortRestricted, NatType::PortRestricted), SLOW_FILE_LEN);
+    let pair = Pair::start_with("df", &NatLabConfig::new(NatType::PortRestricted, NatType::PortRestricted), SLOW_FILE_LEN, &[]);
     pair.fetch("warm-up", None);
     assert!(pair.wait_path(true, Duration::from_secs(5)), "no direct path\n{}", pair.logs());
     let relay_frames = || pair.relay_metric("ztna_relay_frames_forwarded_total", &[]);
@@ -251,6 +253,47 @@ fn a_blocked_direct_path_falls_back_to_the_relay_and_comes_back() {
     });
     assert_eq!(pair.agent_metric("ztna_agent_path_switches_total", &[("direction", "direct_to_relay")]), 1.0);
     assert_eq!(pair.agent_metric("ztna_agent_path_switches_total", &[("direction", "relay_to_direct")]), 2.0);
+}
+
+/// The connector's site firewall lets only one UDP port talk to anyone but the relay. With
+/// `--p2p-socket` on that port the tunnel goes direct through it (the relay announces that
+/// socket's address, learnt by a stateless QAD probe); without, the same firewall keeps it
+/// on the relay. Both transfers are byte-exact.
+#[test]
+fn a_separate_p2p_socket_goes_direct_where_the_firewall_lets_only_it_out() {
+    let _turn = take_turn();
+    const P2P_PORT: u16 = 4600;
+    let cfg = NatLabConfig::new(NatType::PortRestricted, NatType::PortRestricted);
+    let port = P2P_PORT.to_string();
+    for p2p in [true, false] {
+        let extra: &[&str] = if p2p { &["--p2p-socket", &port] } else { &[] };
+        let pair = Pair::start_with(if p2p { "dp" } else { "dq" }, &cfg, FILE_LEN, extra);
+        pair.lab.block_except_port(NatSide::Conn, P2P_PORT).unwrap();
+        pair.fetch("warm-up", None);
+        let frames_before = pair.relay_metric("ztna_relay_frames_forwarded_total", &[]);
+        if p2p {
+            assert!(pair.wait_path(true, Duration::from_secs(5)), "no direct path through the p2p port\n{}", pair.logs());
+            let log = std::fs::read_to_string(&pair.agent_log).unwrap();
+            let line = log.lines().find(|l| l.contains("tunnel moved to a direct path")).unwrap();
+            assert!(line.contains(&format!("peer=203.0.113.3:{P2P_PORT}")), "{line}");
+            assert_eq!(pair.relay_metric("ztna_relay_signaling_messages_total", &[("message", "direct_address"), ("result", "recorded")]), 1.0);
+        } else {
+            // Punching runs its whole 5 s attempt and fails: the firewall drops every direct packet.
+            assert!(pair.wait(Duration::from_secs(8), || pair.agent_metric("ztna_agent_punch_attempts_total", &[("outcome", "failed")]) >= 1.0));
+        }
+        pair.fetch("blob", None);
+        let relayed = pair.relay_metric("ztna_relay_frames_forwarded_total", &[]) - frames_before;
+        let packets = (FILE_LEN / 1200) as f64;
+        if p2p {
+            assert_eq!(pair.direct_tunnels(), 1.0, "fell back\n{}", pair.logs());
+            assert!(relayed < packets / 50.0, "the relay forwarded {relayed} frames of a direct transfer");
+            assert_eq!(pair.conn_metric("ztna_connector_direct_rejected_total", &[("reason", "wrong_socket")]), 0.0);
+        } else {
+            assert_eq!(pair.direct_tunnels(), 0.0, "direct through a firewall that allows no direct path\n{}", pair.logs());
+            assert!(relayed > packets, "the relay forwarded only {relayed} frames of a relayed transfer");
+        }
+        eprintln!("p2p socket {p2p}: {} ({relayed} relay frames)", if p2p { "direct" } else { "relay" });
+    }
 }
 
 /// A third host that knows the session id (it is in every frame) sends DATA frames and

@@ -261,6 +261,12 @@ impl NsLab<NatHost> {
         self.script("block", &[side.name()])
     }
 
+    /// [`NatLab::block`], except for UDP of the LAN host's `port`: a site firewall that lets
+    /// only that port talk to anyone but the relay.
+    pub fn block_except_port(&self, side: NatSide, port: u16) -> Result<()> {
+        self.script("block", &[side.name(), "--except-port", &port.to_string()])
+    }
+
     /// Removes [`NatLab::block`]'s rules (and nothing else).
     pub fn unblock(&self, side: NatSide) -> Result<()> {
         self.script("unblock", &[side.name()])

@@ -487,18 +487,18 @@ impl<R: Role> Engine<R> {
         // The peer-to-peer socket's probe goes first, so its answer is likely in by the time
         // the handshake ends and the relay hears the address before any session is offered.
         if let Some(p2p) = &mut self.core.p2p {
-            p2p.probe.hurry(Instant::now());
-            p2p.drive(Instant::now(), &mut self.core.dgrambuf);
+            p2p.probe_now().await;
         }
         let Some(client) = self.core.dial().await? else { return Ok(()) };
         let info = client.info.clone().ok_or_else(|| anyhow::anyhow!("no relay info"))?;
         self.role.check_relay(&info, !self.core.ever_connected)?;
         self.core.install(client, &info);
-        if self.core.p2p.is_some() {
-            self.receive(Via::P2p);
-            if let Some(addr) = self.core.p2p.as_ref().and_then(|p| p.probe.reflexive()) {
+        if let Some(p2p) = &self.core.p2p {
+            // What we knew before this connection; an answer that changes it is sent as it comes.
+            if let Some(addr) = p2p.probe.reflexive() {
                 self.core.send_control(&Message::DirectAddress { addr });
             }
+            self.receive(Via::P2p);
         }
         self.role.on_connected(&mut self.core);
         self.replay();
@@ -776,7 +776,7 @@ impl<R: Role> Engine<R> {
         }
         self.drive_paths(now, sessions);
         if let Some(p2p) = &mut self.core.p2p {
-            p2p.drive(now, &mut self.core.dgrambuf);
+            p2p.drive(now);
         }
         self.role.on_timers(now);
         Ok(())
