@@ -39,11 +39,20 @@ pub struct NatPairArgs {
     /// `deploy/lab/nat.sh` (default: the workspace's).
     #[arg(long)]
     pub nat_script: Option<PathBuf>,
+    /// The connector sends direct traffic from a socket of its own on this port
+    /// (`--p2p-socket`); default: from its one socket.
+    #[arg(long)]
+    pub p2p_port: Option<u16>,
 }
 
 impl NatPairArgs {
     pub fn config(&self) -> NatLabConfig {
         NatLabConfig { delay_ms: self.delay_ms, ..NatLabConfig::new(self.agent_nat, self.conn_nat) }
+    }
+
+    /// The connector's arguments beyond the lab's defaults.
+    pub fn connector_args(&self) -> Vec<String> {
+        self.p2p_port.map(|p| vec!["--p2p-socket".to_string(), p.to_string()]).unwrap_or_default()
     }
 }
 
@@ -54,6 +63,8 @@ pub struct DirectResult {
     pub delay_ms: u32,
     pub agent_nat: String,
     pub conn_nat: String,
+    /// The connector's separate peer-to-peer port, if it used one.
+    pub p2p_port: Option<u16>,
     /// Milliseconds from the tunnel's first packet to the move, per run that went direct.
     pub times_ms: Vec<f64>,
     pub p50_ms: f64,
@@ -84,6 +95,7 @@ impl NatLabRun {
         script: Option<&Path>,
         backend: &str,
         relay_extra: &[&str],
+        conn_extra: &[String],
         start_backend: impl FnOnce(&mut NatLab, &Path) -> Result<()>,
     ) -> Result<NatLabRun> {
         crate::interrupt::catch_stop_signals();
@@ -105,7 +117,8 @@ impl NatLabRun {
         start_backend(&mut lab, &dir)?;
         let conn_log = dir.join("connector.log");
         let service = format!("web={backend}");
-        let conn_args = ["--relay", RELAY, "--direct", "on", "--pki-dir", &d, "--name", "web-1", "--service", &service];
+        let mut conn_args = vec!["--relay", RELAY, "--direct", "on", "--pki-dir", &d, "--name", "web-1", "--service", &service];
+        conn_args.extend(conn_extra.iter().map(String::as_str));
         let connector = lab.spawn(NatHost::Conn, &connector_bin, &conn_args, &conn_log)?;
         wait_for_log(&conn_log, "registered", Duration::from_secs(10))?;
         Ok(NatLabRun { lab, dir, agent_bin, relay, connector, _tmp: tmp })
@@ -150,7 +163,7 @@ pub(crate) fn hello_backend(lab: &mut NatLab, dir: &Path) -> Result<()> {
 }
 
 pub fn run(a: &DirectArgs) -> Result<DirectResult> {
-    let mut run = NatLabRun::start("bd", &a.lab.config(), a.lab.nat_script.as_deref(), HELLO_BACKEND, &[], hello_backend)?;
+    let mut run = NatLabRun::start("bd", &a.lab.config(), a.lab.nat_script.as_deref(), HELLO_BACKEND, &[], &a.lab.connector_args(), hello_backend)?;
 
     let mut times_ms = Vec::new();
     for i in 0..a.runs {
@@ -181,6 +194,7 @@ pub fn run(a: &DirectArgs) -> Result<DirectResult> {
         delay_ms: a.lab.delay_ms,
         agent_nat: a.lab.agent_nat.to_string(),
         conn_nat: a.lab.conn_nat.to_string(),
+        p2p_port: a.lab.p2p_port,
         p50_ms: q(0.5),
         p99_ms: q(0.99),
         min_ms: sorted.first().copied().unwrap_or(f64::NAN),

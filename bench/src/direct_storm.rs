@@ -53,7 +53,7 @@ pub struct DirectStormResult {
 pub fn run(a: &DirectStormArgs) -> Result<DirectStormResult> {
     // Every agent comes from the one router address: lift the per-source handshake limit.
     let relay_extra = ["--handshake-rate", "1000000", "--handshake-burst", "1000000"];
-    let mut run = NatLabRun::start("bm", &a.lab.config(), a.lab.nat_script.as_deref(), HELLO_BACKEND, &relay_extra, hello_backend)?;
+    let mut run = NatLabRun::start("bm", &a.lab.config(), a.lab.nat_script.as_deref(), HELLO_BACKEND, &relay_extra, &a.lab.connector_args(), hello_backend)?;
     let connector_pid = run.lab.process(run.connector).pid();
     let relay_pid = run.lab.process(run.relay).pid();
     let mut logs = Vec::with_capacity(a.agents);

@@ -89,7 +89,7 @@ pub fn run(a: &DirectStreamArgs) -> Result<DirectStreamResult> {
         lab.spawn(NatHost::Conn, std::path::Path::new("iperf3"), &["-s", "-B", "198.51.100.2", "-p", "5201", "--forceflush"], &log)?;
         wait_for_log(&log, "Server listening", Duration::from_secs(10))
     };
-    let mut run = NatLabRun::start("bs", &cfg, a.nat_script.as_deref(), BACKEND, &[], iperf_server)?;
+    let mut run = NatLabRun::start("bs", &cfg, a.nat_script.as_deref(), BACKEND, &[], &[], iperf_server)?;
     run.agent("relay", RELAY_PORT, false)?;
     let (_, direct_log) = run.agent("direct", DIRECT_PORT, true)?;
     // The first stream opens the direct agent's tunnel; punching starts with it.
