@@ -132,7 +132,7 @@ async fn run(
     for f in udp {
         forward::serve_udp(f, engine.handle()).await?;
     }
-    engine.run().await
+    engine.run_until(ztna_client::cli::stop_signal()).await
 }
 
 /// Where the NAT-test responder is: `relay` means the relay's address at the default port.

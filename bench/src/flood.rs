@@ -455,7 +455,7 @@ impl Drop for Closer {
     fn drop(&mut self) {
         let mut out = vec![0u8; 1500];
         for (sock, core) in &mut self.conns {
-            core.close();
+            core.close("bye");
             while let Ok(Some((n, to))) = core.poll_transmit(&mut out) {
                 if sock.send_to(&out[..n], to).is_err() {
                     break;

@@ -190,8 +190,9 @@ impl ControlCore {
         !self.messages.is_empty()
     }
 
-    pub fn close(&mut self) {
-        let _ = self.conn.close(true, 0, b"bye");
+    /// Closes with application code 0 and `reason` for the relay's log.
+    pub fn close(&mut self, reason: &str) {
+        let _ = self.conn.close(true, ztna_proto::control::close_code::SHUTDOWN, reason.as_bytes());
     }
 
     /// The next datagram to send, if any.
@@ -207,12 +208,18 @@ impl ControlCore {
         }
     }
 
-    /// A QUIC datagram from the relay.
-    pub fn on_datagram(&mut self, buf: &mut [u8], from: SocketAddr) {
+    /// A QUIC datagram from the relay; true if QUIC accepted it.
+    pub fn on_datagram(&mut self, buf: &mut [u8], from: SocketAddr) -> bool {
         let info = quiche::RecvInfo { from, to: self.local };
         // A bad packet is quiche's to ignore; the connection carries on.
-        let _ = self.conn.recv(buf, info);
+        let accepted = self.conn.recv(buf, info).is_ok();
         self.read_stream();
+        accepted
+    }
+
+    /// Queues an ack-eliciting packet: the relay's acknowledgement shows it is alive.
+    pub fn ping(&mut self) {
+        let _ = self.conn.send_ack_eliciting();
     }
 
     /// How long until [`on_timeout`](Self::on_timeout) has work: a QUIC timer or the keep-alive.
@@ -435,7 +442,7 @@ impl ControlClient {
     }
 
     pub async fn close(mut self) {
-        self.core.close();
+        self.core.close("bye");
         self.push_now();
     }
 

@@ -108,11 +108,19 @@ async fn run(cli: Cli) -> Result<()> {
         direct: direct_config(&cli)?,
     };
     let engine = Engine::new(cfg, metrics, |events| Connector::new(backends, events))?;
-    match cli.run_for {
-        Some(secs) => match tokio::time::timeout(Duration::from_secs_f64(secs), engine.run()).await {
-            Ok(result) => result,
-            Err(_) => Ok(()),
-        },
-        None => engine.run().await,
-    }
+    let run_for = cli.run_for.map(Duration::from_secs_f64);
+    engine
+        .run_until(async move {
+            let deadline = async {
+                match run_for {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                why = ztna_client::cli::stop_signal() => why,
+                _ = deadline => "--run-for elapsed",
+            }
+        })
+        .await
 }

@@ -35,6 +35,8 @@ pub mod close_code {
     pub const PROTOCOL_VIOLATION: u64 = 0x103;
     /// The client stopped reading its control stream.
     pub const SLOW_READER: u64 = 0x104;
+    /// A connector with sessions stopped answering the relay's liveness pings.
+    pub const UNRESPONSIVE: u64 = 0x105;
 
     /// Codes after which reconnecting cannot help: the client's identity was refused.
     pub fn is_permanent(code: u64) -> bool {

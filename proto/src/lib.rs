@@ -9,6 +9,7 @@ pub mod control;
 pub mod frame;
 pub mod id;
 pub mod identity;
+pub mod liveness;
 pub mod nat_test;
 pub mod steering;
 pub mod tunnel;

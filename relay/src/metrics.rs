@@ -124,6 +124,7 @@ pub struct Metrics {
     sessions_active: Family<WorkerLabel, Gauge>,
     pub handshakes: Family<ReasonLabel, Counter>,
     pub retries_sent: Counter,
+    pub unresponsive_closed: Counter,
     pub auth_failures: Family<ReasonLabel, Counter>,
     pub refusals: Family<ReasonLabel, Counter>,
     pub malformed_control: Counter,
@@ -166,6 +167,7 @@ impl Metrics {
             sessions_active: Family::default(),
             handshakes: Family::default(),
             retries_sent: Counter::default(),
+            unresponsive_closed: Counter::default(),
             auth_failures: Family::default(),
             refusals: Family::default(),
             malformed_control: Counter::default(),
@@ -199,6 +201,11 @@ impl Metrics {
         registry.register("sessions_active", "Active relay sessions, per owning worker", m.sessions_active.clone());
         registry.register("handshakes", "Control-connection handshakes by result", m.handshakes.clone());
         registry.register("retries_sent", "Stateless Retry packets sent for address validation", m.retries_sent.clone());
+        registry.register(
+            "unresponsive_closed",
+            "Control connections of connectors with sessions dropped for not answering liveness pings",
+            m.unresponsive_closed.clone(),
+        );
         registry.register("auth_failures", "Authentication failures by reason", m.auth_failures.clone());
         registry.register("refusals", "Control requests refused, by reason code", m.refusals.clone());
         registry.register("control_messages_malformed", "Malformed control messages received", m.malformed_control.clone());

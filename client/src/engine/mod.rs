@@ -28,6 +28,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use ztna_proto::candidate::{Candidate, CandidateKind, PUNCH_TOKEN_LEN};
 use ztna_proto::frame::{self, Frame};
+use ztna_proto::liveness::{CONTROL_LIVENESS, Liveness, Verdict};
 use ztna_proto::tunnel::UdpDatagram;
 use ztna_proto::{ErrorCode, Message, SessionId};
 
@@ -112,6 +113,9 @@ pub struct Core {
     /// Direct traffic's own socket, when configured; it outlives control connections.
     p2p: Option<P2pSocket>,
     control: Option<ControlCore>,
+    /// Whether the relay answers what we send it: a dead relay is noticed in seconds, not at
+    /// the control connection's 30 s idle timeout.
+    relay_liveness: Liveness,
     backoff: Backoff,
     reconnect_at: Option<Instant>,
     ever_connected: bool,
@@ -271,6 +275,7 @@ impl Core {
         self.backoff.reset();
         tracing::info!(relay = %self.cfg.relay, identity = %info.identity, observed = %info.observed, "connected to the relay");
         let (socket, core, early_frames) = client.into_parts();
+        self.relay_liveness = Liveness::new(CONTROL_LIVENESS, Instant::now());
         self.socket = Some(socket);
         self.control = Some(core);
         self.replay.extend(early_frames);
@@ -331,14 +336,19 @@ impl Core {
         if let Some(p2p) = &self.p2p {
             wait = wait.min(p2p.probe.next_send().saturating_duration_since(now));
         }
+        if self.control.is_some() && self.relay_liveness.awaiting() {
+            wait = wait.min(self.relay_liveness.deadline().saturating_duration_since(now));
+        }
         wait
     }
 
     async fn flush(&mut self) {
         let Some(socket) = &self.socket else { return };
+        let mut to_relay = false;
         if let Some(core) = &mut self.control {
             while let Ok(Some((n, to))) = core.poll_transmit(&mut self.txbuf) {
                 let _ = socket.send_to(&self.txbuf[..n], to).await;
+                to_relay = true;
             }
         }
         // Only tunnels that changed can have something new to send.
@@ -347,8 +357,12 @@ impl Core {
             while let Some((n, to)) = t.poll_transmit(&mut self.txbuf) {
                 let Some(socket) = socket_to(to, self.cfg.relay, Some(socket), self.p2p.as_ref()) else { continue };
                 let _ = socket.send_to(&self.txbuf[..n], to).await;
+                to_relay |= to == self.cfg.relay;
             }
             self.tunnels.flushed(session, Instant::now());
+        }
+        if to_relay {
+            self.relay_liveness.on_tx(Instant::now());
         }
     }
 }
@@ -404,6 +418,7 @@ impl<R: Role> Engine<R> {
             socket: None,
             p2p,
             control: None,
+            relay_liveness: Liveness::new(CONTROL_LIVENESS, Instant::now()),
             backoff: Backoff::default(),
             reconnect_at: Some(Instant::now()),
             ever_connected: false,
@@ -425,13 +440,27 @@ impl<R: Role> Engine<R> {
     }
 
     /// Runs until a fatal error (refused identity or policy, bad certificates).
-    pub async fn run(mut self) -> Result<()> {
+    pub async fn run(self) -> Result<()> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Runs until `stop` resolves (with the reason to give) or a fatal error. A stop closes
+    /// every tunnel and the control connection, so peers and the relay hear of it at once
+    /// rather than at their idle timeouts.
+    pub async fn run_until(mut self, stop: impl std::future::Future<Output = &'static str>) -> Result<()> {
+        tokio::pin!(stop);
         loop {
             if let Some(at) = self.core.reconnect_at
                 && Instant::now() >= at
             {
                 self.core.reconnect_at = None;
-                self.connect().await?;
+                let stopped = tokio::select! {
+                    r = self.connect() => { r?; None }
+                    why = &mut stop => Some(why),
+                };
+                if let Some(why) = stopped {
+                    return self.shut_down(why).await;
+                }
             }
             self.core.flush().await;
             let wait = self.core.next_wake(Instant::now());
@@ -440,6 +469,7 @@ impl<R: Role> Engine<R> {
                 Flow(Option<FlowEvent>),
                 Event(Option<E>),
                 Timer,
+                Stop(&'static str),
             }
             let wake = {
                 tokio::select! {
@@ -448,6 +478,7 @@ impl<R: Role> Engine<R> {
                     f = self.flow_events.recv() => Wake::Flow(f),
                     e = self.events_rx.recv() => Wake::Event(e),
                     _ = tokio::time::sleep(wait) => Wake::Timer,
+                    why = &mut stop => Wake::Stop(why),
                 }
             };
             match wake {
@@ -461,9 +492,25 @@ impl<R: Role> Engine<R> {
                 // Both senders live as long as the engine (it holds a clone of each).
                 Wake::Flow(None) | Wake::Event(None) => return Ok(()),
                 Wake::Timer => {}
+                Wake::Stop(why) => return self.shut_down(why).await,
             }
             self.on_timers(Instant::now())?;
         }
+    }
+
+    /// Closes every tunnel (its peer hears CONNECTION_CLOSE) and the control connection with
+    /// the reason, so the relay ends registrations and sessions now, not after its timeout.
+    async fn shut_down(&mut self, why: &str) -> Result<()> {
+        tracing::info!(target: LOG, reason = why, "stopping: closing tunnels and the relay connection");
+        let reason = format!("client stopping ({why})");
+        for s in self.core.tunnels.sessions() {
+            self.close_tunnel(s, &reason);
+        }
+        if let Some(control) = &mut self.core.control {
+            control.close(&reason);
+        }
+        self.core.flush().await;
+        Ok(())
     }
 
     /// Takes what is queued on one socket, up to a batch, before timers and sends: one round
@@ -583,7 +630,11 @@ impl<R: Role> Engine<R> {
         let from_relay = from == core.cfg.relay;
         if !frame::is_relay_frame(datagram) {
             match (via, &mut core.control) {
-                (Via::Main, Some(control)) => control.on_datagram(datagram, from),
+                (Via::Main, Some(control)) => {
+                    if control.on_datagram(datagram, from) {
+                        core.relay_liveness.on_rx(Instant::now());
+                    }
+                }
                 (Via::Main, None) => {}
                 (Via::P2p, _) => core.metrics.direct_rejected("not_authentic"),
             }
@@ -603,6 +654,10 @@ impl<R: Role> Engine<R> {
         if core.p2p.is_some() && (via == Via::P2p) == from_relay {
             core.metrics.direct_rejected("wrong_socket");
             return;
+        }
+        if from_relay {
+            // Frames it forwards show the relay alive as much as its own packets do.
+            core.relay_liveness.on_rx(Instant::now());
         }
         let session = match Frame::parse(datagram) {
             Ok(Frame::Data { session, .. }) => session,
@@ -744,6 +799,20 @@ impl<R: Role> Engine<R> {
         if let Some(core) = &mut self.core.control {
             if core.timeout(now).is_some_and(|d| d.is_zero()) {
                 core.on_timeout(now);
+            }
+            if self.core.relay_liveness.awaiting() {
+                match self.core.relay_liveness.poll(now) {
+                    Verdict::Quiet => {}
+                    Verdict::Ping => core.ping(),
+                    Verdict::Dead(silent) => {
+                        // An answer may be waiting in the socket (the loop woke for the timer).
+                        self.receive(Via::Main);
+                        if self.core.relay_liveness.awaiting() {
+                            self.disconnected(&format!("the relay stopped answering (nothing for {} ms)", silent.as_millis()));
+                            return Ok(());
+                        }
+                    }
+                }
             }
             while let Some(msg) = self.core.control.as_mut().and_then(ControlCore::pop_message) {
                 self.on_control_message(msg)?;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use ztna_proto::control::{DecodeError, FramingError, MessageReader};
 use ztna_proto::identity::{Identity, Kind};
 use ztna_proto::{Message, SessionId};
+use ztna_proto::liveness::{CONTROL_LIVENESS, Liveness, Verdict};
 
 pub use ztna_proto::control::close_code;
 
@@ -58,6 +59,9 @@ pub struct ControlConn {
     /// Where the client's separate peer-to-peer socket is seen (`DirectAddress`), if it has one.
     direct_addr: Option<SocketAddr>,
     qad_seq: u32,
+    /// Packets QUIC accepted from the client, for the liveness check of connectors with sessions.
+    liveness: Liveness,
+    unresponsive: bool,
     reader: MessageReader,
     outbox: Vec<u8>,
     outbox_sent: usize,
@@ -77,6 +81,8 @@ impl ControlConn {
             registered: Vec::new(),
             direct_addr: None,
             qad_seq: 0,
+            liveness: Liveness::new(CONTROL_LIVENESS, now),
+            unresponsive: false,
             reader: MessageReader::new(),
             outbox: Vec::new(),
             outbox_sent: 0,
@@ -128,8 +134,10 @@ impl ControlConn {
 
     // ---- QUIC ----
 
-    pub fn recv(&mut self, buf: &mut [u8], info: quiche::RecvInfo) -> quiche::Result<usize> {
-        self.quic.recv(buf, info)
+    pub fn recv(&mut self, buf: &mut [u8], info: quiche::RecvInfo, now: Instant) -> quiche::Result<usize> {
+        let n = self.quic.recv(buf, info)?;
+        self.liveness.on_rx(now);
+        Ok(n)
     }
 
     pub fn is_established(&self) -> bool {
@@ -176,12 +184,51 @@ impl ControlConn {
         }
     }
 
-    pub fn timeout(&self) -> Option<Duration> {
-        self.quic.timeout()
+    /// QUIC's timer, or the liveness check's when sooner.
+    pub fn timeout(&self, now: Instant) -> Option<Duration> {
+        let live = self.liveness_deadline().map(|t| t.saturating_duration_since(now));
+        match (self.quic.timeout(), live) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    pub fn on_timeout(&mut self) {
+    pub fn on_timeout(&mut self, now: Instant) {
         self.quic.on_timeout();
+        if !self.liveness_watched() {
+            return;
+        }
+        match self.liveness.poll(now) {
+            Verdict::Quiet => {}
+            Verdict::Ping => {
+                let _ = self.quic.send_ack_eliciting();
+            }
+            Verdict::Dead(silent) => {
+                self.unresponsive = true;
+                let why = format!("no answer for {} ms", silent.as_millis());
+                tracing::info!(peer = %self.peer, identity = %self.identity_text, "connector unresponsive: {why}");
+                self.close(close_code::UNRESPONSIVE, &why);
+            }
+        }
+    }
+
+    /// A connector with sessions: the relay must notice within seconds that it died, so its
+    /// sessions end and new ones go elsewhere. (QUIC's idle timeout alone takes 30 s; agents
+    /// and idle connectors are left to it.)
+    fn liveness_watched(&self) -> bool {
+        self.state == State::Ready && !self.unresponsive && self.kind() == Some(Kind::Connector) && !self.sessions.is_empty()
+    }
+
+    fn liveness_deadline(&self) -> Option<Instant> {
+        if !self.liveness_watched() {
+            return None;
+        }
+        Some(self.liveness.deadline())
+    }
+
+    /// Closed for not answering liveness pings: remove it now.
+    pub fn is_unresponsive(&self) -> bool {
+        self.unresponsive
     }
 
     pub fn is_closed(&self) -> bool {

@@ -98,7 +98,7 @@ impl ConnTable {
         {
             self.aliases.remove(&a);
         }
-        let deadline = e.conn.timeout().map(|d| now + d);
+        let deadline = e.conn.timeout(now).map(|d| now + d);
         if deadline != e.deadline {
             e.deadline = deadline;
             if let Some(t) = deadline {
@@ -122,7 +122,7 @@ impl ConnTable {
                 && e.deadline == Some(t)
             {
                 e.deadline = None;
-                e.conn.on_timeout();
+                e.conn.on_timeout(now);
                 self.touch(&key);
             }
         }

@@ -272,7 +272,7 @@ impl Core {
             // Short header: the DCID is our 8-byte connection id.
             let key: Option<ConnKey> = buf.get(1..1 + ID_LEN).and_then(|d| d.try_into().ok());
             match key {
-                Some(key) if self.conns.contains(&key) => self.recv_on(key, buf, from),
+                Some(key) if self.conns.contains(&key) => self.recv_on(key, buf, from, now),
                 Some(_) => self.ctx.m.drop(DropReason::unknown_connection),
                 None => self.ctx.m.drop(DropReason::malformed_packet),
             }
@@ -283,20 +283,20 @@ impl Core {
             Err(_) => return self.ctx.m.drop(DropReason::malformed_packet),
         };
         if let Some(key) = self.conns.find(&hdr.dcid) {
-            return self.recv_on(key, buf, from);
+            return self.recv_on(key, buf, from, now);
         }
         if hdr.ty != quiche::Type::Initial {
             return self.ctx.m.drop(DropReason::unknown_connection);
         }
         if let Some(key) = self.ctx.accept(&mut self.conns, &hdr, buf, from, now, sink) {
-            self.recv_on(key, buf, from);
+            self.recv_on(key, buf, from, now);
         }
     }
 
-    fn recv_on(&mut self, key: ConnKey, buf: &mut [u8], from: SocketAddr) {
+    fn recv_on(&mut self, key: ConnKey, buf: &mut [u8], from: SocketAddr, now: Instant) {
         let Some(conn) = self.conns.touch(&key) else { return };
         let info = quiche::RecvInfo { from, to: self.ctx.shared.local_addr };
-        match conn.recv(buf, info) {
+        match conn.recv(buf, info, now) {
             Ok(_) | Err(quiche::Error::Done) => {}
             Err(e) => {
                 tracing::trace!(error = %e, %from, "quic recv error");
@@ -339,7 +339,12 @@ impl Core {
                 conn.close(close_code::SLOW_READER, "control stream not read");
             }
             while sink.send_dynamic(|out| conn.transmit(out)) {}
-            let done = conn.is_closed();
+            // An unresponsive connector goes now, not after QUIC's draining period: its
+            // sessions must move on within the liveness bound.
+            let done = conn.is_closed() || conn.is_unresponsive();
+            if conn.is_unresponsive() {
+                ctx.shared.metrics.unresponsive_closed.inc();
+            }
             self.conns.serviced(&key, now);
             if done {
                 closed.push(key);

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use ztna_proto::candidate::{Candidate, CandidateKind};
 use ztna_proto::control::{MessageReader, Role};
 use ztna_proto::frame;
+use ztna_proto::liveness::CONTROL_LIVENESS;
 use ztna_proto::steering::{self, Owner};
 use ztna_proto::{CONTROL_VERSION, ErrorCode, Message, SessionId};
 
@@ -102,6 +103,8 @@ struct Client {
     inbox: Vec<Message>,
     /// Relay frames that reached it.
     frames: Vec<Vec<u8>>,
+    /// Powered off: sends nothing, and what reaches it is lost.
+    dead: bool,
 }
 
 impl Client {
@@ -234,6 +237,7 @@ impl Lab {
         let quic = quiche::connect(Some("localhost"), &quiche::ConnectionId::from_ref(&scid), local, RELAY.parse().unwrap(), &mut c)
             .unwrap();
         self.clients.push(Client {
+            dead: false,
             quic,
             local,
             public: local,
@@ -257,7 +261,7 @@ impl Lab {
         for _ in 0..10_000 {
             let now = self.now();
             let mut moved = false;
-            for c in &mut self.clients {
+            for c in self.clients.iter_mut().filter(|c| !c.dead) {
                 if c.quic.is_established() && !c.outbox.is_empty() {
                     let n = c.quic.stream_send(0, &c.outbox, false).unwrap_or(0);
                     c.outbox.drain(..n);
@@ -275,7 +279,7 @@ impl Lab {
             for w in 0..self.cores.len() {
                 for (to, mut d) in std::mem::take(&mut self.sinks[w].datagrams) {
                     moved = true;
-                    let Some(c) = self.clients.iter_mut().find(|c| c.public == to) else { continue };
+                    let Some(c) = self.clients.iter_mut().find(|c| c.public == to && !c.dead) else { continue };
                     if frame::is_relay_frame(&d) {
                         c.frames.push(d);
                     } else {
@@ -297,7 +301,7 @@ impl Lab {
                     moved = true;
                     c.inbox.push(m);
                 }
-                if let Some(t) = c.quic.timeout()
+                if let Some(t) = c.quic.timeout().filter(|_| !c.dead)
                     && t.is_zero()
                 {
                     c.quic.on_timeout();
@@ -699,6 +703,43 @@ fn a_direct_address_replaces_the_control_address_in_new_offers() {
         lab.clients[alice].send(&Message::Connect { request_id: 8, service: "web".into() });
         lab.run();
         assert_eq!(peer_candidates(&mut lab.clients[alice]).iter().map(|c| c.2.clone()).collect::<Vec<_>>(), vec![srflx(p2p)]);
+    }
+}
+
+/// A connector that dies with a session open (no CONNECTION_CLOSE, nothing more from it) is
+/// dropped within the liveness bound: its agent hears that the session is gone, and the next
+/// session goes to the other connector. One that answers stays, however long it is idle.
+#[test]
+fn a_dead_connector_with_sessions_is_dropped_within_the_liveness_bound() {
+    for (agent_home, connector_home) in PLACEMENTS {
+        let (mut lab, alice, web, session) = Lab::with_session(agent_home, connector_home);
+        let web2 = lab.connect("connector", "web-2", "198.51.100.3:5000", 1 - connector_home);
+        lab.clients[web2].send(&Message::Register { services: vec!["web".into()] });
+        lab.run();
+        // Idle but alive: the relay's pings are answered, nothing ends.
+        for _ in 0..10 {
+            lab.advance(CONTROL_LIVENESS.ping_after);
+        }
+        assert!(lab.clients[alice].closed_sessions().is_empty(), "an answering connector stays");
+        assert_eq!(lab.shared.metrics.unresponsive_closed.get(), 0);
+
+        lab.clients[web].dead = true;
+        let mut waited = Duration::ZERO;
+        while lab.clients[alice].closed_sessions().is_empty() {
+            assert!(waited < CONTROL_LIVENESS.dead_after * 2, "the agent never heard that its connector died");
+            lab.advance(Duration::from_millis(100));
+            waited += Duration::from_millis(100);
+        }
+        assert!(waited >= CONTROL_LIVENESS.dead_after - Duration::from_millis(100) && waited <= CONTROL_LIVENESS.dead_after + CONTROL_LIVENESS.ping_after, "dropped after {waited:?}");
+        assert_eq!(lab.shared.metrics.unresponsive_closed.get(), 1);
+        lab.clients[alice].send(&Message::Connect { request_id: 9, service: "web".into() });
+        lab.run();
+        let offered = lab.clients[alice].take(|m| match m {
+            Message::SessionOffer { request_id: 9, peer_identity, .. } => Some(peer_identity.clone()),
+            _ => None,
+        });
+        assert_eq!(offered, vec!["ztna://connector/web-2".to_string()], "new sessions go to the live connector");
+        let _ = session;
     }
 }
 
