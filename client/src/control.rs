@@ -42,6 +42,8 @@ pub enum ClientError {
     Unexpected(Box<Message>),
     #[error("connection closed")]
     Closed,
+    #[error("the relay reset the connection: it no longer knows it (restarted?)")]
+    Reset,
     #[error(transparent)]
     Setup(#[from] anyhow::Error),
     #[error("the relay sent an unreadable control stream: {0}")]
@@ -63,6 +65,7 @@ impl ClientError {
             ClientError::Refused { .. } => "refused",
             ClientError::Unexpected(_) => "unexpected_message",
             ClientError::Closed => "closed",
+            ClientError::Reset => "reset",
             ClientError::Setup(_) => "setup",
             ClientError::Protocol(_) => "protocol",
             ClientError::Io(_) => "io",
@@ -217,6 +220,11 @@ impl ControlCore {
         accepted
     }
 
+    /// How long the line may be quiet before a keep-alive.
+    pub fn set_keepalive(&mut self, interval: Duration) {
+        self.keepalive.set_interval(interval);
+    }
+
     /// Queues an ack-eliciting packet: the relay's acknowledgement shows it is alive.
     pub fn ping(&mut self) {
         let _ = self.conn.send_ack_eliciting();
@@ -291,6 +299,10 @@ impl ControlCore {
         }
         if self.conn.is_timed_out() {
             return ClientError::Timeout(self.relay, IDLE_TIMEOUT);
+        }
+        // Closed, with no error on either side and no timeout: QUIC took a stateless reset.
+        if self.conn.is_closed() && self.conn.local_error().is_none() {
+            return ClientError::Reset;
         }
         ClientError::Closed
     }

@@ -13,6 +13,10 @@ impl KeepAlive {
         KeepAlive { interval, last_send: Instant::now() }
     }
 
+    pub fn set_interval(&mut self, interval: Duration) {
+        self.interval = interval;
+    }
+
     /// Something left on this connection.
     pub fn sent(&mut self, now: Instant) {
         self.last_send = now;

@@ -166,3 +166,33 @@ async fn a_dead_relay_is_noticed_by_idle_clients_within_the_keepalive_and_the_bo
         eprintln!("idle: the {who} noticed the dead relay after {noticed:?}");
     }
 }
+
+/// The relay crashes and is started again at once on the same port and state directory: the
+/// first control packet a client sends it draws a stateless reset, so the client reconnects
+/// without waiting for the liveness bound, and new flows work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_relay_resets_lost_connections_so_clients_reconnect_at_once() {
+    let s = setup("resetrelay").await;
+    let backend = named_backend("web-1").await;
+    let _connector = start_connector(&s.pki, s.relay.addr_v4(), "web-1", &[format!("web={backend}")], &[]).unwrap();
+    assert_eq!(who_answers(s.local).await.unwrap(), "web-1");
+    let port = s.relay.addr_v4().port();
+    s.relay.signal(SIGKILL);
+    let killed = Instant::now();
+    s.relay.wait_exit(Duration::from_secs(5));
+    let relay = Relay::start_on(&s.pki, port, 2, &[]).unwrap();
+    let up = killed.elapsed();
+    // Idle clients send their next keep-alive within 10 s; a flow makes the agent send now.
+    let _ = tokio::time::timeout(Duration::from_secs(1), who_answers(s.local)).await;
+    let noticed = time_until(Duration::from_secs(12), || s.agent.log_text().contains("the relay reset the connection"));
+    let noticed = noticed.map(|_| killed.elapsed()).unwrap_or_else(|| panic!("no reset reached the agent\n{}", s.agent.log_tail(20)));
+    assert!(relay.metric("ztna_relay_stateless_resets_sent_total", &[]) >= 1.0);
+    let back = time_until(Duration::from_secs(10), || relay.metric("ztna_relay_registered_connectors", &[]) == 1.0);
+    assert!(back.is_some(), "the connector did not come back");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while who_answers(s.local).await.ok().as_deref() != Some("web-1") {
+        assert!(Instant::now() < deadline, "no flow works after the restart\n{}", s.agent.log_tail(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("relay back {up:?} after the kill; the agent took the reset {noticed:?} after it; flows work {:?} after it", killed.elapsed());
+}

@@ -39,6 +39,8 @@ pub struct Config {
     pub ebpf_steering: bool,
     pub xdp: XdpConfig,
     pub nat_test: NatTestConfig,
+    /// Where the relay keeps what must outlive a restart: the stateless-reset key.
+    pub state_dir: PathBuf,
 }
 
 /// The NAT-test responder (`[nat_test]`, PROTOCOL.md §14.9): off unless two addresses of this
@@ -173,6 +175,7 @@ impl Default for Config {
             ebpf_steering: true,
             xdp: XdpConfig::default(),
             nat_test: NatTestConfig::default(),
+            state_dir: PathBuf::from("state"),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod pki;
 pub mod policy;
 pub mod ratelimit;
 pub mod registry;
+pub mod reset;
 pub mod retry;
 pub mod sessions;
 pub mod shared;

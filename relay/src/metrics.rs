@@ -125,6 +125,7 @@ pub struct Metrics {
     pub handshakes: Family<ReasonLabel, Counter>,
     pub retries_sent: Counter,
     pub unresponsive_closed: Counter,
+    pub stateless_resets_sent: Counter,
     pub auth_failures: Family<ReasonLabel, Counter>,
     pub refusals: Family<ReasonLabel, Counter>,
     pub malformed_control: Counter,
@@ -168,6 +169,7 @@ impl Metrics {
             handshakes: Family::default(),
             retries_sent: Counter::default(),
             unresponsive_closed: Counter::default(),
+            stateless_resets_sent: Counter::default(),
             auth_failures: Family::default(),
             refusals: Family::default(),
             malformed_control: Counter::default(),
@@ -201,6 +203,11 @@ impl Metrics {
         registry.register("sessions_active", "Active relay sessions, per owning worker", m.sessions_active.clone());
         registry.register("handshakes", "Control-connection handshakes by result", m.handshakes.clone());
         registry.register("retries_sent", "Stateless Retry packets sent for address validation", m.retries_sent.clone());
+        registry.register(
+            "stateless_resets_sent",
+            "Stateless resets sent for packets of connections this relay does not know (restarted, or dropped them)",
+            m.stateless_resets_sent.clone(),
+        );
         registry.register(
             "unresponsive_closed",
             "Control connections of connectors with sessions dropped for not answering liveness pings",

@@ -134,6 +134,8 @@ pub struct Shared {
     pub policy: RwLock<Arc<Policy>>,
     registry: Mutex<Registry>,
     pub retry_key: RetryKey,
+    /// Stateless-reset tokens of our connection ids, from the key in the state directory.
+    pub reset_key: crate::reset::ResetKey,
     /// New handshakes per source, for the relay as a whole.
     pub limiter: HandshakeLimiter,
     pub metrics: Metrics,
@@ -169,6 +171,13 @@ impl Shared {
             policy: RwLock::new(Arc::new(policy)),
             registry: Mutex::new(Registry::default()),
             retry_key: RetryKey::random(),
+            reset_key: match crate::reset::ResetKey::load_or_create(&config.state_dir) {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!("{e:#}: stateless resets will not be recognised after a restart");
+                    crate::reset::ResetKey::ephemeral()
+                }
+            },
             limiter: HandshakeLimiter::new(config.limits.handshakes_per_ip_per_sec, config.limits.handshake_burst),
             metrics,
             handoff_pools: (0..workers).map(|_| HandoffPool::new()).collect(),

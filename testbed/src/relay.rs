@@ -38,7 +38,7 @@ pub fn args(pki_dir: &Path, listen: &str, admin: &str, workers: Workers) -> Vec<
     if !pin {
         v.push("--no-pin".into());
     }
-    for (flag, file) in [("--cert", "relay.pem"), ("--key", "relay.key"), ("--ca", "ca.pem"), ("--policy", "policy.toml")] {
+    for (flag, file) in [("--cert", "relay.pem"), ("--key", "relay.key"), ("--ca", "ca.pem"), ("--policy", "policy.toml"), ("--state-dir", "state")] {
         v.push(flag.into());
         v.push(pki_dir.join(file).display().to_string());
     }

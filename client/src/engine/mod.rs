@@ -50,6 +50,10 @@ pub const LOG: &str = "ztna_client::engine";
 const MAX_DATAGRAM: usize = 2048;
 /// Datagrams taken from the socket per wake-up before servicing timers and sending.
 const RECV_BATCH: usize = 64;
+/// A connector's control keep-alive. Agents keep the control connection's 10 s: a connector
+/// that sends more often learns sooner of a relay that crashed and came back (its next packet
+/// draws a stateless reset), and agents' new sessions wait for connectors to re-register.
+const CONNECTOR_KEEPALIVE: Duration = Duration::from_secs(2);
 /// Peer candidates kept for sessions whose tunnel has not started yet (the connector hears
 /// of them with the offer, before the agent's first packet).
 const MAX_PENDING_CANDIDATES: usize = 1024;
@@ -274,7 +278,10 @@ impl Core {
         self.ever_connected = true;
         self.backoff.reset();
         tracing::info!(relay = %self.cfg.relay, identity = %info.identity, observed = %info.observed, "connected to the relay");
-        let (socket, core, early_frames) = client.into_parts();
+        let (socket, mut core, early_frames) = client.into_parts();
+        if self.side == Side::Connector {
+            core.set_keepalive(CONNECTOR_KEEPALIVE);
+        }
         self.relay_liveness = Liveness::new(CONTROL_LIVENESS, Instant::now());
         self.socket = Some(socket);
         self.control = Some(core);

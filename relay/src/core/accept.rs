@@ -74,6 +74,8 @@ impl Ctx {
         }
         let odcid_ref = odcid.map(quiche::ConnectionId::from_ref);
         let scid_ref = quiche::ConnectionId::from_ref(&scid);
+        // The connection keeps this id (the relay issues no others), so one token covers it.
+        self.quic_config.set_stateless_reset_token(Some(self.shared.reset_key.token(&scid)));
         let quic = match quiche::accept(&scid_ref, odcid_ref.as_ref(), self.shared.local_addr, from, &mut self.quic_config) {
             Ok(q) => q,
             Err(e) => {

@@ -132,6 +132,7 @@ struct Ctx {
     next_maintenance: Instant,
     /// Set once draining began: the time by which the worker stops anyway.
     drain_deadline: Option<Instant>,
+    reset_budget: crate::reset::ResetBudget,
 }
 
 impl Core {
@@ -150,6 +151,7 @@ impl Core {
             forwarded: 0,
             next_maintenance: now + MAINTENANCE_EVERY,
             drain_deadline: None,
+            reset_budget: crate::reset::ResetBudget::new(),
         };
         Ok(Core { conns: ConnTable::default(), ctx })
     }
@@ -273,7 +275,10 @@ impl Core {
             let key: Option<ConnKey> = buf.get(1..1 + ID_LEN).and_then(|d| d.try_into().ok());
             match key {
                 Some(key) if self.conns.contains(&key) => self.recv_on(key, buf, from, now),
-                Some(_) => self.ctx.m.drop(DropReason::unknown_connection),
+                Some(key) => {
+                    self.ctx.m.drop(DropReason::unknown_connection);
+                    self.ctx.stateless_reset(&key, buf.len(), from, now, sink);
+                }
                 None => self.ctx.m.drop(DropReason::malformed_packet),
             }
             return;
@@ -357,6 +362,24 @@ impl Core {
 }
 
 impl Ctx {
+    /// A short-header packet for a connection this relay does not know (it restarted, or
+    /// dropped it): a stateless reset tells the client at once, within a budget.
+    fn stateless_reset(&mut self, cid: &ConnKey, received: usize, to: SocketAddr, now: Instant, sink: &mut impl Sink) {
+        if !self.reset_budget.take(now) {
+            return;
+        }
+        let key = &self.shared.reset_key;
+        let mut sent = false;
+        sink.send_with(to, |out| {
+            let n = key.write_reset(cid, received, out).unwrap_or(0);
+            sent = n > 0;
+            n
+        });
+        if sent {
+            self.shared.metrics.stateless_resets_sent.inc();
+        }
+    }
+
     /// Relay frames: DATA forwarding (the hot path) and stateless QAD probes.
     fn handle_frame(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant, sink: &mut impl Sink) {
         match Frame::parse(buf) {

@@ -194,24 +194,30 @@ impl Lab {
             ca: dir.join("ca.pem"),
             policy: dir.join("policy.toml"),
             dev_pki: false,
+            state_dir: dir.join("state"),
             ..Config::default()
         };
         tune(&mut config);
-        let policy = Policy::load(&config.policy).unwrap();
-        let mailboxes = (0..workers).map(|_| Mailbox::new().unwrap().0).collect();
-        let shared = Arc::new(Shared::new(
-            config,
-            RELAY.parse().unwrap(),
-            policy,
-            workers,
-            mailboxes,
-            Default::default(),
-            Default::default(),
-        ));
-        let now = Instant::now();
-        let cores = (0..workers).map(|i| Core::new(i, shared.clone(), now).unwrap()).collect();
+        let (shared, cores) = Lab::relay(config, workers);
         let sinks = (0..workers).map(|_| Recorder::default()).collect();
         Lab { shared, cores, sinks, clients: Vec::new(), offset: Duration::ZERO, dir }
+    }
+
+    fn relay(config: Config, workers: u8) -> (Arc<Shared>, Vec<Core>) {
+        let policy = Policy::load(&config.policy).unwrap();
+        let mailboxes = (0..workers).map(|_| Mailbox::new().unwrap().0).collect();
+        let shared =
+            Arc::new(Shared::new(config, RELAY.parse().unwrap(), policy, workers, mailboxes, Default::default(), Default::default()));
+        let now = Instant::now();
+        let cores = (0..workers).map(|i| Core::new(i, shared.clone(), now).unwrap()).collect();
+        (shared, cores)
+    }
+
+    /// The relay process is replaced (a crash and a start): same configuration and state
+    /// directory, no connections; the clients stay.
+    fn restart_relay(&mut self) {
+        let workers = self.cores.len() as u8;
+        (self.shared, self.cores) = Lab::relay(self.shared.config.clone(), workers);
     }
 
     fn now(&self) -> Instant {
@@ -741,6 +747,36 @@ fn a_dead_connector_with_sessions_is_dropped_within_the_liveness_bound() {
         assert_eq!(offered, vec!["ztna://connector/web-2".to_string()], "new sessions go to the live connector");
         let _ = session;
     }
+}
+
+/// After a crash and a restart on the same state directory, the relay answers a client's
+/// packet of the lost connection with a stateless reset that client's QUIC recognises; within
+/// the budget, and never one from a relay whose key differs.
+#[test]
+fn a_restarted_relay_resets_the_connections_it_lost() {
+    let mut lab = Lab::new(2, |_| {});
+    let alice = lab.connect("agent", "alice", "203.0.113.5:6000", 0);
+    lab.restart_relay();
+    lab.clients[alice].send(&Message::Ping { nonce: 1 });
+    lab.run();
+    assert!(lab.clients[alice].quic.is_closed(), "the client took the reset");
+    assert_eq!(lab.shared.metrics.stateless_resets_sent.get(), 1);
+    assert_eq!(lab.dropped(0, DropReason::unknown_connection) + lab.dropped(1, DropReason::unknown_connection), 1);
+
+    // Another state directory, another key: the reset is sent but means nothing to the client.
+    let mut lab = Lab::new(2, |_| {});
+    let bob = lab.connect("agent", "bob", "203.0.113.6:6000", 1);
+    lab.shared = {
+        let mut config = lab.shared.config.clone();
+        config.state_dir = lab.dir.join("other-state");
+        let (shared, cores) = Lab::relay(config, 2);
+        lab.cores = cores;
+        shared
+    };
+    lab.clients[bob].send(&Message::Ping { nonce: 1 });
+    lab.run();
+    assert_eq!(lab.shared.metrics.stateless_resets_sent.get(), 1);
+    assert!(!lab.clients[bob].quic.is_closed(), "a reset with a wrong token is ignored");
 }
 
 #[test]
