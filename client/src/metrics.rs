@@ -25,6 +25,8 @@ pub struct ClientMetrics {
     pub bytes_from_peer: Counter,
     pub udp_dropped_oversize: Counter,
     pub reconnects: Counter,
+    pub tunnels_resumed: Counter,
+    pub tunnels_lost: Counter,
     tunnels: Family<Labels, Gauge>,
     path_switches: Family<Labels, Counter>,
     punch_attempts: Family<Labels, Counter>,
@@ -47,6 +49,8 @@ impl ClientMetrics {
             bytes_from_peer: Counter::default(),
             udp_dropped_oversize: Counter::default(),
             reconnects: Counter::default(),
+            tunnels_resumed: Counter::default(),
+            tunnels_lost: Counter::default(),
             tunnels: Family::default(),
             path_switches: Family::default(),
             punch_attempts: Family::default(),
@@ -67,6 +71,16 @@ impl ClientMetrics {
             m.udp_dropped_oversize.clone(),
         );
         registry.register("reconnects", "Control connections re-established after a loss", m.reconnects.clone());
+        registry.register(
+            "tunnels_resumed",
+            "Tunnels carried on by a new relay session after the control connection was lost",
+            m.tunnels_resumed.clone(),
+        );
+        registry.register(
+            "tunnels_lost",
+            "Tunnels closed because no new relay session took them on in time",
+            m.tunnels_lost.clone(),
+        );
         registry.register("tunnels", "Open tunnels by the path their traffic takes (relay or direct)", m.tunnels.clone());
         registry.register(
             "path_switches",

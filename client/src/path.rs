@@ -82,9 +82,12 @@ impl Path {
     }
 }
 
-/// The paths of one tunnel (one relay session).
+/// The paths of one tunnel. Relay frames carry the current relay session; direct frames
+/// carry the tunnel's id (its first session), which both ends keep when the tunnel moves to a
+/// new relay session (after a relay restart), so the direct path never notices the move.
 #[derive(Debug, Clone)]
 pub struct PathLayer {
+    id: SessionId,
     session: SessionId,
     side: Side,
     relay: SocketAddr,
@@ -98,7 +101,7 @@ impl PathLayer {
     /// The agent's side of a tunnel carried by the relay; the tunnel says which side it is
     /// ([`for_side`](Self::for_side)).
     pub fn via_relay(session: SessionId, relay: SocketAddr) -> Self {
-        PathLayer { session, side: Side::Agent, relay, direct: DirectPaths::new(Role::Controlling) }
+        PathLayer { id: session, session, side: Side::Agent, relay, direct: DirectPaths::new(Role::Controlling) }
     }
 
     pub fn for_side(self, side: Side) -> Self {
@@ -113,8 +116,19 @@ impl PathLayer {
         self.relay
     }
 
+    /// The relay session that carries the tunnel now.
     pub fn session(&self) -> SessionId {
         self.session
+    }
+
+    /// The tunnel's id: its first relay session, for the tunnel's whole life.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The tunnel now rides relay session `session` (the old one was lost with the relay).
+    pub fn rebind(&mut self, session: SessionId) {
+        self.session = session;
     }
 
     pub fn current(&self) -> Path {
@@ -144,10 +158,11 @@ impl PathLayer {
     /// tunnel's to read.
     pub fn unwrap<'a>(&self, datagram: &'a mut [u8], from: SocketAddr) -> Option<(&'a mut [u8], quiche::RecvInfo)> {
         let Ok(Frame::Data { session, .. }) = Frame::parse(datagram) else { return None };
-        if session != self.session || is_label(from) {
+        let via_relay = from == self.relay;
+        if session != if via_relay { self.session } else { self.id } || is_label(from) {
             return None;
         }
-        let info = if from == self.relay { self.recv_info() } else { quiche::RecvInfo { from, to: self.local_label() } };
+        let info = if via_relay { self.recv_info() } else { quiche::RecvInfo { from, to: self.local_label() } };
         Some((&mut datagram[frame::DATA_HEADER_LEN..], info))
     }
 
@@ -155,14 +170,14 @@ impl PathLayer {
     /// says where the datagram goes: the peer's label means the relay, a real address is a
     /// direct path. Another label has no path (`None`).
     pub fn wrap(&self, buf: &mut [u8], len: usize, to: SocketAddr) -> Option<(usize, SocketAddr)> {
-        let dest = if to == self.peer_label() {
-            self.relay
+        let (dest, session) = if to == self.peer_label() {
+            (self.relay, &self.session)
         } else if !is_label(to) {
-            to
+            (to, &self.id)
         } else {
             return None;
         };
-        write_data_header(&self.session, buf.first_chunk_mut::<DATA_HEADER_LEN>()?);
+        write_data_header(session, buf.first_chunk_mut::<DATA_HEADER_LEN>()?);
         Some((DATA_HEADER_LEN + len, dest))
     }
 }
@@ -244,6 +259,24 @@ mod tests {
         buf[PathLayer::HEADROOM..PathLayer::HEADROOM + 3].copy_from_slice(b"abc");
         let (n, to) = agent.wrap(&mut buf, 3, agent.peer_label()).unwrap();
         assert_eq!(path.unwrap(&mut buf[..n], to).map(|(p, _)| p.to_vec()), Some(b"abc".to_vec()));
+    }
+
+    #[test]
+    fn a_rebound_tunnel_uses_the_new_session_on_the_relay_and_its_id_direct() {
+        let mut path = PathLayer::via_relay(SESSION, relay());
+        let new = SessionId([0x01, 9, 9, 9, 9, 9, 9, 9]);
+        path.rebind(new);
+        assert_eq!((path.id(), path.session()), (SESSION, new));
+        let mut buf = [0u8; 32];
+        let (n, to) = path.wrap(&mut buf, 3, path.peer_label()).unwrap();
+        assert_eq!((Frame::parse(&buf[..n]).map(|f| matches!(f, Frame::Data { session, .. } if session == new)), to), (Ok(true), relay()));
+        let peer: SocketAddr = "203.0.113.3:5000".parse().unwrap();
+        let (n, _) = path.wrap(&mut buf, 3, peer).unwrap();
+        assert!(matches!(Frame::parse(&buf[..n]), Ok(Frame::Data { session, .. }) if session == SESSION));
+        assert!(path.unwrap(&mut frame_of(&new, b"x"), relay()).is_some());
+        assert!(path.unwrap(&mut frame_of(&SESSION, b"x"), relay()).is_none(), "the lost session is over on the relay");
+        assert!(path.unwrap(&mut frame_of(&SESSION, b"x"), peer).is_some());
+        assert!(path.unwrap(&mut frame_of(&new, b"x"), peer).is_none(), "direct frames carry the tunnel's id");
     }
 
     #[test]

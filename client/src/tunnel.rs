@@ -62,6 +62,8 @@ pub mod stream_error {
 }
 
 pub struct Tunnel {
+    /// The tunnel's key for its whole life: its first relay session (`path.session()` is the
+    /// current one).
     pub session: SessionId,
     pub service: String,
     /// The identity the relay announced for the other side; the certificate must match.
@@ -70,6 +72,8 @@ pub struct Tunnel {
     pub path: PathLayer,
     /// The peer's certificate has been checked against `peer_identity`.
     pub verified: bool,
+    /// Since when the tunnel has had no relay session (the control connection was lost).
+    pub orphaned: Option<Instant>,
     side: Side,
     /// The agent keeps idle tunnels alive; the connector only answers.
     keepalive: Option<KeepAlive>,
@@ -134,6 +138,7 @@ impl Tunnel {
             conn,
             path,
             verified: false,
+            orphaned: None,
             side,
             keepalive: (side == Side::Agent).then(|| KeepAlive::new(KEEPALIVE)),
             // Client-initiated bidirectional streams: 0, 4, 8, ...

@@ -242,7 +242,8 @@ async fn clients_reconnect_after_a_relay_restart() {
     let (got, _) = echo_roundtrip(local, b"before".to_vec()).await;
     assert_eq!(got, <[u8; 32]>::from(Sha256::digest(b"before")));
 
-    // An open flow when the relay goes away is reset (its session is gone with the relay).
+    // An open flow when the relay goes away outlives it: the tunnel is end to end and moves
+    // to a new relay session once both clients are back.
     let mut open = TcpStream::connect(local).await.unwrap();
     open.write_all(b"x").await.unwrap();
     let mut one = [0u8; 1];
@@ -250,8 +251,6 @@ async fn clients_reconnect_after_a_relay_restart() {
 
     relay.signal(ztna_e2e::SIGTERM);
     assert_eq!(relay.wait_exit(Duration::from_secs(10)), Some(0));
-    let r = tokio::time::timeout(Duration::from_secs(5), open.read(&mut one)).await.expect("open flow must end");
-    assert!(r.is_err() || r.unwrap() == 0, "the open flow ends when the relay goes");
     drop(relay);
 
     let restarted_at = Instant::now();
@@ -269,6 +268,9 @@ async fn clients_reconnect_after_a_relay_restart() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!("new connections work {:?} after the relay came back", restarted_at.elapsed());
+    open.write_all(b"y").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), open.read_exact(&mut one)).await.expect("the open flow goes on").unwrap();
+    assert_eq!(&one, b"y");
     assert!(relay.metric("ztna_relay_sessions_created_total", &[]) >= 1.0);
 }
 

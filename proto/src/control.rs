@@ -185,6 +185,10 @@ pub enum Message {
     /// stateless QAD probe (§8.3) saw at `addr`: the relay announces that address, not the
     /// control connection's, as this side's server-reflexive candidate of new sessions (§14.6).
     DirectAddress { addr: SocketAddr },
+    /// C->R, agent: a new session for the live end-to-end tunnel `tunnel` (the id of the
+    /// tunnel's first session) with connector `connector`, after the old session was lost
+    /// with the control connection. Answered like `Connect` (§7.15).
+    Resume { request_id: u32, service: String, connector: String, tunnel: SessionId },
     /// R->C, answer to Hello: the identity and role the relay authenticated, and the
     /// services the policy lets it reach (agent) or serve (connector).
     Welcome { version: u16, role: Role, identity: String, services: Vec<String> },
@@ -205,6 +209,9 @@ pub enum Message {
     /// Sent with every `SessionOffer` (holding the peer's address as the relay sees it) and
     /// whenever the peer sends `Candidates`.
     PeerCandidates { session: SessionId, token: [u8; PUNCH_TOKEN_LEN], candidates: Vec<Candidate> },
+    /// R->C, connector, right after a `SessionOffer`: the new session carries the existing
+    /// tunnel `tunnel` (an agent's `Resume`).
+    SessionResumes { session: SessionId, tunnel: SessionId },
 }
 
 pub const TYPE_HELLO: u8 = 0x01;
@@ -215,6 +222,7 @@ pub const TYPE_PING: u8 = 0x05;
 pub const TYPE_CANDIDATES: u8 = 0x06;
 pub const TYPE_PATH_STATUS: u8 = 0x07;
 pub const TYPE_DIRECT_ADDRESS: u8 = 0x08;
+pub const TYPE_RESUME: u8 = 0x09;
 pub const TYPE_WELCOME: u8 = 0x81;
 pub const TYPE_OBSERVED_ADDRESS: u8 = 0x82;
 pub const TYPE_REGISTERED: u8 = 0x83;
@@ -223,6 +231,7 @@ pub const TYPE_SESSION_CLOSED: u8 = 0x85;
 pub const TYPE_ERROR: u8 = 0x86;
 pub const TYPE_PONG: u8 = 0x87;
 pub const TYPE_PEER_CANDIDATES: u8 = 0x88;
+pub const TYPE_SESSION_RESUMES: u8 = 0x89;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DecodeError {
@@ -269,6 +278,8 @@ impl Message {
             Message::Candidates { .. } => TYPE_CANDIDATES,
             Message::PathStatus { .. } => TYPE_PATH_STATUS,
             Message::DirectAddress { .. } => TYPE_DIRECT_ADDRESS,
+            Message::Resume { .. } => TYPE_RESUME,
+            Message::SessionResumes { .. } => TYPE_SESSION_RESUMES,
             Message::PeerCandidates { .. } => TYPE_PEER_CANDIDATES,
         }
     }
@@ -316,6 +327,16 @@ impl Message {
                 addr::encode(a, out);
             }
             Message::DirectAddress { addr: a } => addr::encode(a, out),
+            Message::Resume { request_id, service, connector, tunnel } => {
+                out.extend_from_slice(&request_id.to_be_bytes());
+                service_name(out, service)?;
+                text(out, connector, MAX_IDENTITY_LEN, "connector identity")?;
+                out.extend_from_slice(tunnel.as_bytes());
+            }
+            Message::SessionResumes { session, tunnel } => {
+                out.extend_from_slice(session.as_bytes());
+                out.extend_from_slice(tunnel.as_bytes());
+            }
             Message::SessionOffer { session, request_id, service, peer_role, peer_identity } => {
                 out.extend_from_slice(session.as_bytes());
                 out.extend_from_slice(&request_id.to_be_bytes());
@@ -369,6 +390,16 @@ impl Message {
             },
             TYPE_OBSERVED_ADDRESS => Message::ObservedAddress { seq: r.u32().map_err(malformed)?, addr: addr::decode(&mut r).map_err(malformed)? },
             TYPE_DIRECT_ADDRESS => Message::DirectAddress { addr: addr::decode(&mut r).map_err(malformed)? },
+            TYPE_RESUME => Message::Resume {
+                request_id: r.u32().map_err(malformed)?,
+                service: read_service(&mut r, kind)?,
+                connector: r.string(MAX_IDENTITY_LEN).map_err(malformed)?.to_owned(),
+                tunnel: read_session(&mut r).map_err(malformed)?,
+            },
+            TYPE_SESSION_RESUMES => Message::SessionResumes {
+                session: read_session(&mut r).map_err(malformed)?,
+                tunnel: read_session(&mut r).map_err(malformed)?,
+            },
             TYPE_REGISTERED => Message::Registered { services: read_services(&mut r, kind)? },
             TYPE_SESSION_OFFER => Message::SessionOffer {
                 session: read_session(&mut r).map_err(malformed)?,
@@ -638,6 +669,9 @@ mod tests {
             (session(), candidates()).prop_map(|(session, candidates)| Message::Candidates { session, candidates }),
             (session(), any::<bool>()).prop_map(|(session, direct)| Message::PathStatus { session, direct }),
             socket_addr().prop_map(|addr| Message::DirectAddress { addr }),
+            (any::<u32>(), service(), text(MAX_IDENTITY_LEN), session())
+                .prop_map(|(request_id, service, connector, tunnel)| Message::Resume { request_id, service, connector, tunnel }),
+            (session(), session()).prop_map(|(session, tunnel)| Message::SessionResumes { session, tunnel }),
             (session(), any::<[u8; PUNCH_TOKEN_LEN]>(), candidates())
                 .prop_map(|(session, token, candidates)| Message::PeerCandidates { session, token, candidates }),
         ]

@@ -87,6 +87,12 @@ impl Registry {
         Some(entry)
     }
 
+    /// The connection of connector `identity` serving `service` (the first, when one
+    /// identity has several connections).
+    pub fn pick_identity(&self, service: &str, identity: &str) -> Option<ConnectorEntry> {
+        self.services.get(service)?.iter().find(|e| &*e.identity == identity).cloned()
+    }
+
     pub fn registrations(&self) -> usize {
         self.services.values().map(Vec::len).sum()
     }

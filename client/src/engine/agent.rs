@@ -22,6 +22,17 @@ use crate::tunnel::Tunnel;
 const TUNNEL_WAIT: Duration = Duration::from_secs(10);
 /// UDP datagrams held per service while its tunnel comes up; later ones are dropped.
 const WAITING_UDP: usize = 64;
+/// After a refused `Resume` (its connector is not back yet), the next try.
+const RESUME_RETRY: Duration = Duration::from_millis(500);
+
+/// What a request in flight asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Request {
+    /// A session for a service's new tunnel.
+    Connect(String),
+    /// A new session for tunnel `key`, whose relay session was lost.
+    Resume(SessionId),
+}
 
 /// What the agent's local forwards tell the engine.
 #[derive(Debug)]
@@ -42,8 +53,10 @@ pub struct Agent {
     services: Vec<String>,
     /// The tunnel serving each service (from its offer on), and Connect requests in flight.
     service_sessions: HashMap<String, SessionId>,
-    requests: HashMap<u32, String>,
+    requests: HashMap<u32, Request>,
     next_request: u32,
+    /// Tunnels whose `Resume` was refused, and when to ask again.
+    resume_retry: HashMap<SessionId, Instant>,
     /// Local connections waiting for their service's tunnel.
     waiting: HashMap<String, Vec<(TcpStream, Instant)>>,
     /// UDP datagrams waiting for their service's tunnel (a few, then dropped).
@@ -60,6 +73,7 @@ impl Agent {
             service_sessions: HashMap::new(),
             requests: HashMap::new(),
             next_request: 1,
+            resume_retry: HashMap::new(),
             waiting: HashMap::new(),
             waiting_udp: HashMap::new(),
             udp_return: HashMap::new(),
@@ -73,16 +87,30 @@ impl Agent {
 
     fn request_session(&mut self, core: &mut Core, service: &str) {
         // One tunnel per service: none while a request or a handshake is under way.
-        if self.requests.values().any(|s| s == service) || self.service_sessions.contains_key(service) {
+        let asked = self.requests.values().any(|r| matches!(r, Request::Connect(s) if s == service));
+        if asked || self.service_sessions.contains_key(service) {
             return;
         }
+        let msg = Message::Connect { request_id: self.next_request, service: service.to_owned() };
+        self.request(core, msg, Request::Connect(service.to_owned()));
+    }
+
+    /// Asks for a new relay session for tunnel `key`, to the connector it already talks to.
+    fn request_resume(&mut self, core: &mut Core, key: SessionId, service: String, connector: String) {
+        self.resume_retry.remove(&key);
+        let msg = Message::Resume { request_id: self.next_request, service, connector, tunnel: key };
+        self.request(core, msg, Request::Resume(key));
+    }
+
+    /// Sends `msg`, which carries the next request id.
+    fn request(&mut self, core: &mut Core, msg: Message, what: Request) {
         if !core.is_connected() {
             return;
         }
         let request_id = self.next_request;
         self.next_request = self.next_request.wrapping_add(1).max(1);
-        if core.send_control(&Message::Connect { request_id, service: service.to_owned() }) {
-            self.requests.insert(request_id, service.to_owned());
+        if core.send_control(&msg) {
+            self.requests.insert(request_id, what);
         }
     }
 }
@@ -104,6 +132,10 @@ impl Role for Agent {
     }
 
     fn on_connected(&mut self, core: &mut Core) {
+        // Tunnels that lost their session ask for new ones first; their flows go on.
+        for (key, service, connector) in core.orphaned_tunnels() {
+            self.request_resume(core, key, service, connector);
+        }
         // Local flows that arrived while we were away get their sessions now.
         let mut wanted: Vec<String> = self.waiting.keys().chain(self.waiting_udp.keys()).cloned().collect();
         wanted.dedup();
@@ -113,16 +145,25 @@ impl Role for Agent {
     }
 
     fn on_disconnected(&mut self) {
+        // The tunnels stay (and with them `service_sessions`); what was asked is void.
         self.requests.clear();
-        self.service_sessions.clear();
+        self.resume_retry.clear();
         // Local connections waiting for a tunnel keep waiting (up to TUNNEL_WAIT): the
         // reconnect asks for their sessions again.
     }
 
     fn on_message(&mut self, core: &mut Core, msg: Message) -> Result<()> {
         if let Message::SessionOffer { session, request_id, service, peer_identity, .. } = msg {
-            if self.requests.remove(&request_id).is_none() {
-                return Ok(());
+            match self.requests.remove(&request_id) {
+                Some(Request::Connect(_)) => {}
+                Some(Request::Resume(key)) => {
+                    if !core.resume_tunnel(key, session) {
+                        // The tunnel ended while we asked: the session has nothing to carry.
+                        core.send_control(&Message::CloseSession { session });
+                    }
+                    return Ok(());
+                }
+                None => return Ok(()),
             }
             match core.open_tunnel(session, service.clone(), peer_identity) {
                 Ok(()) => {
@@ -135,7 +176,17 @@ impl Role for Agent {
     }
 
     fn on_refused(&mut self, request_id: u32, code: ErrorCode, message: &str) -> bool {
-        let Some(service) = self.requests.remove(&request_id) else { return false };
+        let service = match self.requests.remove(&request_id) {
+            Some(Request::Connect(service)) => service,
+            Some(Request::Resume(key)) => {
+                // Most often its connector has not reconnected yet: ask again shortly, until
+                // the tunnel's wait for a session runs out.
+                tracing::debug!(target: LOG, tunnel = %key, %code, "resume refused: {message}");
+                self.resume_retry.insert(key, Instant::now() + RESUME_RETRY);
+                return true;
+            }
+            None => return false,
+        };
         // Nothing will serve these connections: reset them now, not at a timeout.
         tracing::error!(target: LOG, %service, %code, "relay refused the session: {message}");
         eprintln!("relay refused a session to {service:?}: {message} ({code})");
@@ -185,7 +236,14 @@ impl Role for Agent {
         }
     }
 
-    fn on_timers(&mut self, now: Instant) {
+    fn on_timers(&mut self, core: &mut Core, now: Instant) {
+        let due: Vec<SessionId> = self.resume_retry.iter().filter(|(_, at)| **at <= now).map(|(k, _)| *k).collect();
+        for key in due {
+            self.resume_retry.remove(&key);
+            let Some(t) = core.tunnel(key).filter(|t| t.orphaned.is_some()) else { continue };
+            let (service, connector) = (t.service.clone(), t.peer_identity.clone());
+            self.request_resume(core, key, service, connector);
+        }
         // Local connections that waited too long for a tunnel are reset.
         for streams in self.waiting.values_mut() {
             let (keep, expired): (Vec<_>, Vec<_>) =
@@ -199,5 +257,6 @@ impl Role for Agent {
         if self.service_sessions.get(&tunnel.service) == Some(&tunnel.session) {
             self.service_sessions.remove(&tunnel.service);
         }
+        self.resume_retry.remove(&tunnel.session);
     }
 }

@@ -69,6 +69,27 @@ impl Connector {
         Connector { backends, events, offers: HashMap::new(), early: HashMap::new(), udp_flows: HashMap::new() }
     }
 
+    /// Packets that came before their session was ready are handled now.
+    fn replay_early(&mut self, core: &mut Core, session: SessionId) {
+        for frame in self.early.remove(&session).map(|q| q.1).unwrap_or_default() {
+            core.replay(frame, core.relay());
+        }
+    }
+
+    /// Relay session `session` (just offered) carries our tunnel `tunnel`, if it is ours
+    /// with the same agent and service; else the session is refused (closed).
+    fn resume(&mut self, core: &mut Core, session: SessionId, tunnel: SessionId) {
+        let Some(offer) = self.offers.remove(&session) else { return };
+        let same = core.tunnel(tunnel).is_some_and(|t| t.peer_identity == offer.agent && t.service == offer.service);
+        if same && core.resume_tunnel(tunnel, session) {
+            self.replay_early(core, session);
+        } else {
+            tracing::warn!(target: LOG, %session, %tunnel, agent = %offer.agent, "asked to resume a tunnel this connector does not have; closing the session");
+            self.early.remove(&session);
+            core.send_control(&Message::CloseSession { session });
+        }
+    }
+
     fn connect_backend(&self, key: FlowKey, service: &str, agent: &str) {
         let Some(Backend::Tcp(addr)) = self.backends.get(service).cloned() else {
             let _ = self.events.send(ConnectorEvent::BackendFailed { key, error: format!("{service:?} is not a TCP service") });
@@ -113,10 +134,9 @@ impl Role for Connector {
             Message::SessionOffer { session, service, peer_identity, .. } => {
                 tracing::info!(target: LOG, %session, %service, agent = %peer_identity, "session offered");
                 self.offers.insert(session, Offer { service, agent: peer_identity });
-                for frame in self.early.remove(&session).map(|q| q.1).unwrap_or_default() {
-                    core.replay(frame, core.relay());
-                }
+                self.replay_early(core, session);
             }
+            Message::SessionResumes { session, tunnel } => self.resume(core, session, tunnel),
             _ => {}
         }
         Ok(())
@@ -127,8 +147,12 @@ impl Role for Connector {
     }
 
     fn on_unknown_session(&mut self, core: &mut Core, session: SessionId, datagram: &[u8]) {
-        // The first packet of an offered session starts its tunnel.
-        let Some(offer) = self.offers.remove(&session) else {
+        // The first packet of an offered session starts its tunnel: the agent's Initial.
+        // Anything else is held: its offer, or the news that the session resumes a tunnel
+        // (`SessionResumes`), may still be on its way.
+        let initial = datagram.get(ztna_proto::frame::DATA_HEADER_LEN).is_some_and(|&b| b & 0xf0 == 0xc0);
+        let offer = if initial { self.offers.remove(&session) } else { None };
+        let Some(offer) = offer else {
             // Maybe the offer is still on its way: keep the packet for a moment.
             if self.early.len() < EARLY_SESSIONS || self.early.contains_key(&session) {
                 let q = self.early.entry(session).or_insert_with(|| (Instant::now(), Vec::new()));
@@ -181,7 +205,7 @@ impl Role for Connector {
         }
     }
 
-    fn on_timers(&mut self, now: Instant) {
+    fn on_timers(&mut self, _core: &mut Core, now: Instant) {
         self.udp_flows.retain(|_, f| now.saturating_duration_since(f.last_active) < UDP_FLOW_IDLE);
         self.early.retain(|_, (since, _)| now.saturating_duration_since(*since) < EARLY_HOLD);
     }

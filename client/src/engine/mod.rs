@@ -54,6 +54,10 @@ const RECV_BATCH: usize = 64;
 /// that sends more often learns sooner of a relay that crashed and came back (its next packet
 /// draws a stateless reset), and agents' new sessions wait for connectors to re-register.
 const CONNECTOR_KEEPALIVE: Duration = Duration::from_secs(2);
+/// How long a tunnel on the relay path may wait for a new relay session after the control
+/// connection was lost; then it is closed (a tunnel on a direct path waits as long as that
+/// path works).
+pub const RESUME_WITHIN: Duration = Duration::from_secs(30);
 /// Peer candidates kept for sessions whose tunnel has not started yet (the connector hears
 /// of them with the offer, before the agent's first packet).
 const MAX_PENDING_CANDIDATES: usize = 1024;
@@ -103,7 +107,7 @@ pub trait Role {
     /// A UDP flow datagram from the peer, on `tunnel`.
     fn on_udp(&mut self, tunnel: &Tunnel, dgram: UdpDatagram<'_>);
     fn on_event(&mut self, core: &mut Core, event: Self::Event);
-    fn on_timers(&mut self, _now: Instant) {}
+    fn on_timers(&mut self, _core: &mut Core, _now: Instant) {}
     /// The tunnel left the table (its flows are already reset).
     fn on_tunnel_closed(&mut self, _tunnel: &Tunnel) {}
 }
@@ -125,6 +129,10 @@ pub struct Core {
     ever_connected: bool,
     tunnel_config: quiche::Config,
     tunnels: TunnelTable,
+    /// Relay sessions that carry a tunnel of another key (one resumed after a relay loss).
+    aliases: HashMap<SessionId, SessionId>,
+    /// While tunnels wait for new relay sessions: when to look for ones that waited too long.
+    next_orphan_check: Option<Instant>,
     /// Relayed peer candidates of sessions without a tunnel yet.
     pending_candidates: HashMap<SessionId, ([u8; PUNCH_TOKEN_LEN], Vec<Candidate>)>,
     /// Our address as the relay last reported it (QAD): a change is a new candidate.
@@ -156,6 +164,38 @@ impl Core {
 
     pub fn tunnel(&self, session: SessionId) -> Option<&Tunnel> {
         self.tunnels.get(&session)
+    }
+
+    /// The key of the tunnel that relay session `session` carries.
+    fn tunnel_key(&self, session: SessionId) -> SessionId {
+        self.aliases.get(&session).copied().unwrap_or(session)
+    }
+
+    /// Tunnels that lost their relay session: (key, service, peer identity).
+    pub fn orphaned_tunnels(&self) -> Vec<(SessionId, String, String)> {
+        self.tunnels.iter().filter(|t| t.orphaned.is_some()).map(|t| (t.session, t.service.clone(), t.peer_identity.clone())).collect()
+    }
+
+    /// Tunnel `key` now rides relay session `session`: its relay frames carry that id, and
+    /// QUIC is made to send at once so what the outage held up is retransmitted now rather
+    /// than at its backed-off timer. False when there is no such tunnel.
+    pub fn resume_tunnel(&mut self, key: SessionId, session: SessionId) -> bool {
+        let Some(t) = self.tunnels.get_mut(&key) else { return false };
+        let stalled = t.orphaned.take().map(|since| since.elapsed());
+        let old = t.path.session();
+        t.path.rebind(session);
+        let _ = t.conn.send_ack_eliciting();
+        let direct = t.path.direct.active().is_some();
+        self.aliases.remove(&old);
+        if session != key {
+            self.aliases.insert(session, key);
+        }
+        self.metrics.tunnels_resumed.inc();
+        tracing::info!(target: LOG, tunnel = %key, %session, ?stalled, "tunnel resumed on a new relay session");
+        if direct {
+            self.send_control(&Message::PathStatus { session, direct });
+        }
+        true
     }
 
     /// The session's tunnel exists and its peer is who the relay announced.
@@ -199,6 +239,7 @@ impl Core {
         if let Some(addr) = reflexive {
             candidates.insert(0, Candidate::new(CandidateKind::ServerReflexive, addr));
         }
+        let session = self.tunnels.get(&session).map_or(session, |t| t.path.session());
         if !candidates.is_empty() {
             self.send_control(&Message::Candidates { session, candidates });
         }
@@ -323,7 +364,10 @@ impl Core {
                 let _ = socket.try_send_to(&self.txbuf[..n], to);
             }
         }
-        self.send_control(&Message::CloseSession { session });
+        if t.orphaned.is_none() {
+            self.send_control(&Message::CloseSession { session: t.path.session() });
+        }
+        self.aliases.remove(&t.path.session());
         self.metrics.sessions.dec();
         self.streams.reset_session(session);
         Some(t)
@@ -430,6 +474,8 @@ impl<R: Role> Engine<R> {
             reconnect_at: Some(Instant::now()),
             ever_connected: false,
             tunnels: TunnelTable::default(),
+            aliases: HashMap::new(),
+            next_orphan_check: None,
             pending_candidates: HashMap::new(),
             observed: None,
             path_work: PathWork::default(),
@@ -559,16 +605,45 @@ impl<R: Role> Engine<R> {
         Ok(())
     }
 
-    /// The control connection is gone: everything that depended on it goes too.
+    /// The control connection is gone, and with it every relay session. The tunnels stay:
+    /// they are end to end, and the agent asks the next relay connection for new sessions to
+    /// carry them (PROTOCOL.md §7.15); meanwhile direct paths carry on and relayed traffic
+    /// waits in QUIC.
     fn disconnected(&mut self, why: &str) {
-        tracing::warn!(reason = why, "lost the relay; open flows are reset, reconnecting");
+        tracing::warn!(reason = why, tunnels = self.core.tunnels.len(), "lost the relay; tunnels wait for new sessions, reconnecting");
         self.core.lose_control();
-        let sessions: Vec<SessionId> = self.core.tunnels.sessions();
-        for s in sessions {
-            self.close_tunnel(s, "relay connection lost");
+        let now = Instant::now();
+        for s in self.core.tunnels.sessions() {
+            if let Some(t) = self.core.tunnels.get_mut(&s) {
+                t.orphaned.get_or_insert(now);
+            }
         }
+        self.core.aliases.clear();
+        self.core.pending_candidates.clear();
+        self.core.next_orphan_check = Some(now + Duration::from_secs(1));
         self.role.on_disconnected();
         self.core.schedule_reconnect();
+    }
+
+    /// Tunnels on the relay path that found no new relay session in time are closed (looked
+    /// for once a second, and only while some tunnel waits).
+    fn expire_orphans(&mut self, now: Instant) {
+        if self.core.next_orphan_check.is_none_or(|at| now < at) {
+            return;
+        }
+        let waiting = self.core.tunnels.iter().any(|t| t.orphaned.is_some());
+        self.core.next_orphan_check = waiting.then(|| now + Duration::from_secs(1));
+        let expired: Vec<SessionId> = self
+            .core
+            .tunnels
+            .iter()
+            .filter(|t| t.path.direct.active().is_none() && t.orphaned.is_some_and(|since| now.saturating_duration_since(since) >= RESUME_WITHIN))
+            .map(|t| t.session)
+            .collect();
+        for s in expired {
+            self.core.metrics.tunnels_lost.inc();
+            self.close_tunnel(s, "no new relay session within 30 s");
+        }
     }
 
     fn on_control_message(&mut self, msg: Message) -> Result<()> {
@@ -577,7 +652,11 @@ impl<R: Role> Engine<R> {
                 tracing::info!(%session, %reason, "session closed by the relay");
                 self.core.pending_candidates.remove(&session);
                 self.role.on_session_closed(session);
-                self.close_tunnel(session, reason.name());
+                let key = self.core.tunnel_key(session);
+                // Only the tunnel this session carries now: an old session's news is stale.
+                if self.core.tunnels.get(&key).is_some_and(|t| t.path.session() == session) {
+                    self.close_tunnel(key, reason.name());
+                }
             }
             Message::Error { request_id, code, message } => {
                 if self.role.on_refused(request_id, code, &message) {
@@ -604,7 +683,8 @@ impl<R: Role> Engine<R> {
             Message::PeerCandidates { session, token, candidates } => {
                 tracing::debug!(%session, ?candidates, "peer candidates");
                 let core = &mut self.core;
-                match core.tunnels.get_mut(&session) {
+                let key = core.tunnel_key(session);
+                match core.tunnels.get_mut(&key) {
                     Some(t) => t.add_candidates(token, &candidates, Instant::now()),
                     None if core.pending_candidates.len() < MAX_PENDING_CANDIDATES
                         || core.pending_candidates.contains_key(&session) =>
@@ -667,6 +747,8 @@ impl<R: Role> Engine<R> {
             core.relay_liveness.on_rx(Instant::now());
         }
         let session = match Frame::parse(datagram) {
+            // Relay frames name the relay session, direct ones the tunnel (PathLayer).
+            Ok(Frame::Data { session, .. }) if from_relay => core.tunnel_key(session),
             Ok(Frame::Data { session, .. }) => session,
             Ok(Frame::Punch { session, token }) => return self.on_punch(session, &token, from),
             _ => return,
@@ -733,7 +815,8 @@ impl<R: Role> Engine<R> {
                     tracing::info!(target: LOG, %session, "tunnel back on the relay path");
                 }
             }
-            self.core.send_control(&Message::PathStatus { session, direct });
+            let current = self.core.tunnels.get(&session).map_or(session, |t| t.path.session());
+            self.core.send_control(&Message::PathStatus { session: current, direct });
         }
     }
 
@@ -851,10 +934,11 @@ impl<R: Role> Engine<R> {
             self.service_tunnel(s);
         }
         self.drive_paths(now, sessions);
+        self.expire_orphans(now);
         if let Some(p2p) = &mut self.core.p2p {
             p2p.drive(now);
         }
-        self.role.on_timers(now);
+        self.role.on_timers(&mut self.core, now);
         Ok(())
     }
 }

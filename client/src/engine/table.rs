@@ -46,6 +46,15 @@ impl TunnelTable {
         self.tunnels.remove(session)
     }
 
+    /// Read-only: touches nothing.
+    pub fn iter(&self) -> impl Iterator<Item = &Tunnel> {
+        self.tunnels.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tunnels.len()
+    }
+
     /// Every session with a tunnel.
     pub fn sessions(&self) -> Vec<SessionId> {
         self.tunnels.keys().copied().collect()

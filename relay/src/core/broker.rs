@@ -17,13 +17,17 @@ use crate::tls;
 
 impl Ctx {
     /// An agent asks for a session to `service`: policy, limits, a live connector, then an
-    /// offer to each side. The session lives here, on the agent's worker.
+    /// offer to each side. The session lives here, on the agent's worker. With `resume`
+    /// (connector identity, tunnel id: `Resume`), the session goes to that connector and
+    /// carries the agent's existing tunnel (PROTOCOL.md §7.15).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn connect(
         &mut self,
         conn: &mut ControlConn,
         id: &Identity,
         request_id: u32,
         service: String,
+        resume: Option<(String, SessionId)>,
         now: Instant,
         sink: &mut impl Sink,
     ) {
@@ -42,8 +46,13 @@ impl Ctx {
         if conn.sessions().len() >= self.shared.config.limits.max_sessions_per_connection {
             return self.refuse(conn, request_id, ErrorCode::SessionLimit, "too many open sessions on this connection".into());
         }
-        let Some(connector) = self.shared.registry().pick(&service) else {
-            return self.refuse(conn, request_id, ErrorCode::NoConnectorAvailable, format!("no connector is serving {service:?} right now"));
+        let picked = match &resume {
+            Some((identity, _)) => self.shared.registry().pick_identity(&service, identity),
+            None => self.shared.registry().pick(&service),
+        };
+        let Some(connector) = picked else {
+            let whom = resume.as_ref().map_or_else(|| "no connector is".to_string(), |(c, _)| format!("{c} is not"));
+            return self.refuse(conn, request_id, ErrorCode::NoConnectorAvailable, format!("{whom} serving {service:?} right now"));
         };
         let session = loop {
             let candidate = SessionId::new(self.index, rand::random());
@@ -68,12 +77,19 @@ impl Ctx {
             peer_role: Role::Agent,
             peer_identity: id.to_string(),
         };
+        // The connector hears that the session resumes a tunnel before it hears candidates,
+        // so those reach the tunnel rather than wait for a new one.
+        let mut msgs = vec![offer];
+        if let Some((_, tunnel)) = resume {
+            msgs.push(Message::SessionResumes { session, tunnel });
+        }
+        msgs.push(peer_candidates(conn.reflexive_candidate()));
         let to_connector = CoreMsg::Offer {
             conn: connector.conn.conn,
             session,
             owner: self.index,
             addr: connector.addr,
-            msgs: Box::new([offer, peer_candidates(conn.reflexive_candidate())]),
+            msgs: msgs.into_boxed_slice(),
         };
         if self.post(connector.conn.worker, to_connector, sink).is_err() {
             return self.refuse(conn, request_id, ErrorCode::Internal, "the connector's worker is not running".into());
@@ -128,6 +144,12 @@ impl Core {
         }
         self.ctx.shared.metrics.session_closed(reason);
         tracing::debug!(session = %id, service = %s.service, reason = %reason, frames = s.frames, "session ended");
+        if self.ctx.shared.is_draining() {
+            // The relay is going, not the peer: the tunnels outlive their sessions and both
+            // sides ask the next relay for new ones (PROTOCOL.md §7.15). A SessionClosed now
+            // would make them give the tunnel up.
+            return;
+        }
         if by != Some(Side::Agent)
             && let Some(c) = self.conns.touch(&s.agent.conn)
         {

@@ -87,7 +87,10 @@ impl Ctx {
             }
             (State::Ready, Message::Register { services }) => self.register(conn, &id, services),
             (State::Ready, Message::Connect { request_id, service }) => {
-                self.connect(conn, &id, request_id, service, now, sink)
+                self.connect(conn, &id, request_id, service, None, now, sink)
+            }
+            (State::Ready, Message::Resume { request_id, service, connector, tunnel }) => {
+                self.connect(conn, &id, request_id, service, Some((connector, tunnel)), now, sink)
             }
             (State::Ready, Message::CloseSession { session }) => {
                 if !conn.forget_session(&session) {

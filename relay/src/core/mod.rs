@@ -48,7 +48,7 @@ pub enum CoreMsg {
     /// Deliver a session offer to a connector connection on this worker. `addr` is the
     /// connector address the owner bound; if the connector has moved since, its worker
     /// tells the owner.
-    Offer { conn: ConnKey, session: SessionId, owner: u8, addr: SocketAddr, msgs: Box<[Message; 2]> },
+    Offer { conn: ConnKey, session: SessionId, owner: u8, addr: SocketAddr, msgs: Box<[Message]> },
     /// A session ended: tell this connection (if still here) and forget the session.
     SessionEnded { conn: ConnKey, session: SessionId, reason: ErrorCode },
     /// To a session's owner: end it on behalf of `by`, who left or asked.

@@ -779,6 +779,55 @@ fn a_restarted_relay_resets_the_connections_it_lost() {
     assert!(!lab.clients[bob].quic.is_closed(), "a reset with a wrong token is ignored");
 }
 
+/// `Resume` reaches the connector it names, whichever the round-robin would pick, and tells
+/// it which tunnel the new session carries before any candidates; a connector that is not
+/// (yet) registered gets the agent a refusal it can retry.
+#[test]
+fn a_resume_goes_to_the_named_connector_with_its_tunnel() {
+    for (agent_home, connector_home) in PLACEMENTS {
+        let mut lab = Lab::new(2, |_| {});
+        let web1 = lab.connect("connector", "web-1", "198.51.100.2:5000", connector_home);
+        let web2 = lab.connect("connector", "web-2", "198.51.100.3:5000", 1 - connector_home);
+        for c in [web1, web2] {
+            lab.clients[c].send(&Message::Register { services: vec!["web".into()] });
+        }
+        lab.run();
+        let alice = lab.connect("agent", "alice", "203.0.113.5:6000", agent_home);
+        let tunnel = SessionId([0, 1, 2, 3, 4, 5, 6, 7]);
+        for request_id in [1, 2] {
+            let connector = "ztna://connector/web-2".to_string();
+            lab.clients[alice].send(&Message::Resume { request_id, service: "web".into(), connector, tunnel });
+        }
+        lab.run();
+        let offers = lab.clients[alice].take(|m| match m {
+            Message::SessionOffer { session, peer_identity, .. } => Some((*session, peer_identity.clone())),
+            _ => None,
+        });
+        assert_eq!(offers.iter().map(|o| o.1.as_str()).collect::<Vec<_>>(), ["ztna://connector/web-2"; 2]);
+        assert!(lab.clients[web1].take(|m| matches!(m, Message::SessionOffer { .. }).then_some(())).is_empty());
+        let seen: Vec<&str> = lab.clients[web2]
+            .inbox
+            .iter()
+            .filter_map(|m| match m {
+                Message::SessionOffer { .. } => Some("offer"),
+                Message::SessionResumes { session, tunnel: t } if *t == tunnel && offers.iter().any(|o| o.0 == *session) => Some("resumes"),
+                Message::PeerCandidates { .. } => Some("candidates"),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seen, ["offer", "resumes", "candidates", "offer", "resumes", "candidates"]);
+
+        let connector = "ztna://connector/db-1".to_string();
+        lab.clients[alice].send(&Message::Resume { request_id: 3, service: "web".into(), connector, tunnel });
+        lab.run();
+        let refused = lab.clients[alice].take(|m| match m {
+            Message::Error { request_id: 3, code, .. } => Some(*code),
+            _ => None,
+        });
+        assert_eq!(refused, vec![ErrorCode::NoConnectorAvailable]);
+    }
+}
+
 #[test]
 fn candidates_reach_only_the_other_party_of_their_session() {
     for (agent_home, connector_home) in PLACEMENTS {
