@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -354,7 +354,11 @@ struct SinkResult {
     per_session_unique: Vec<u64>,
 }
 
-fn sink(fd: RawFd, ids: Vec<SessionId>, shared: Arc<Shared>) -> SinkResult {
+/// The connector's control connection, answered by the sink: the relay pings a connector
+/// with sessions and drops it if nothing answers for 2 s (PROTOCOL.md §7.14).
+type Control = Arc<Mutex<(std::net::UdpSocket, ztna_client::control::ControlCore)>>;
+
+fn sink(fd: RawFd, ids: Vec<SessionId>, shared: Arc<Shared>, control: Control, relay: std::net::SocketAddr) -> SinkResult {
     const B: usize = 64;
     const SZ: usize = 2048;
     let index: HashMap<[u8; 8], usize> = ids
@@ -407,7 +411,18 @@ fn sink(fd: RawFd, ids: Vec<SessionId>, shared: Arc<Shared>) -> SinkResult {
         let mut delivered = 0;
         for (i, m) in msgs.iter().enumerate().take(n as usize) {
             let len = m.msg_len as usize;
-            let d = &bufs[i * SZ..i * SZ + len.min(SZ)];
+            let d = &mut bufs[i * SZ..i * SZ + len.min(SZ)];
+            if !ztna_proto::frame::is_relay_frame(d) {
+                let mut c = control.lock().unwrap_or_else(|e| e.into_inner());
+                let (sock, core) = &mut *c;
+                core.on_datagram(d, relay);
+                let mut out = [0u8; 1500];
+                while let Ok(Some((n, to))) = core.poll_transmit(&mut out) {
+                    let _ = sock.send_to(&out[..n], to);
+                }
+                r.other += 1;
+                continue;
+            }
             let (session, payload) = match Frame::parse(d) {
                 Ok(Frame::Data { session, payload }) if payload.len() >= SEQ_TS_LEN => {
                     (session, payload)
@@ -449,12 +464,14 @@ fn sink(fd: RawFd, ids: Vec<SessionId>, shared: Arc<Shared>) -> SinkResult {
 
 struct Closer {
     conns: Vec<(std::net::UdpSocket, ztna_client::control::ControlCore)>,
+    connector: Control,
 }
 
 impl Drop for Closer {
     fn drop(&mut self) {
         let mut out = vec![0u8; 1500];
-        for (sock, core) in &mut self.conns {
+        let mut connector = self.connector.lock().unwrap_or_else(|e| e.into_inner());
+        for (sock, core) in self.conns.iter_mut().chain(std::iter::once(&mut *connector)) {
             core.close("bye");
             while let Ok(Some((n, to))) = core.poll_transmit(&mut out) {
                 if sock.send_to(&out[..n], to).is_err() {
@@ -505,12 +522,14 @@ pub async fn run(a: &FloodArgs) -> Result<FloodReport> {
         agent_socks.push(to_blocking_std(sock)?);
         cores.push(core);
     }
+    let relay_addr = est.connector.relay();
     let (csock, ccore, _) = est.connector.into_parts();
     let csock = to_blocking_std(csock)?;
     csock.set_read_timeout(Some(Duration::from_millis(100)))?;
     // Closes every control connection on the way out (also on error), so the relay ends the
     // sessions now rather than after its idle timeout (a stale connector would take the next
     // run's sessions).
+    let control: Control = Arc::new(Mutex::new((csock.try_clone()?, ccore)));
     let _closer = Closer {
         conns: agent_socks
             .iter()
@@ -518,8 +537,8 @@ pub async fn run(a: &FloodArgs) -> Result<FloodReport> {
             .collect::<std::io::Result<Vec<_>>>()?
             .into_iter()
             .zip(cores)
-            .chain(std::iter::once((csock.try_clone()?, ccore)))
             .collect(),
+        connector: control.clone(),
     };
 
     let shared = Arc::new(Shared {
@@ -545,10 +564,10 @@ pub async fn run(a: &FloodArgs) -> Result<FloodReport> {
     let sink_drops0 = sys::udp_socket_drops(me).unwrap_or(0);
     let relay_drops0 = a.relay_pid.and_then(|p| sys::udp_socket_drops(p).ok());
     let sink_h = {
-        let (fd, ids, sh) = (csock.as_raw_fd(), est.sessions.clone(), shared.clone());
+        let (fd, ids, sh, control) = (csock.as_raw_fd(), est.sessions.clone(), shared.clone(), control.clone());
         std::thread::Builder::new()
             .name("flood-sink".into())
-            .spawn(move || sink(fd, ids, sh))?
+            .spawn(move || sink(fd, ids, sh, control, relay_addr))?
     };
     let send_h = {
         let sh = shared.clone();

@@ -423,6 +423,14 @@ impl ControlClient {
         self.push_now();
     }
 
+    /// A QUIC datagram that a caller moving frames itself took from [`socket`](Self::socket):
+    /// QUIC takes it and answers at once (the relay's liveness pings must be acknowledged,
+    /// or it drops a connector with sessions within seconds).
+    pub fn on_control_datagram(&mut self, buf: &mut [u8], from: SocketAddr) {
+        self.core.on_datagram(buf, from);
+        self.push_now();
+    }
+
     /// Sends one datagram (a relay frame) to the relay from the control socket.
     pub async fn send_frame(&mut self, datagram: &[u8]) -> Result<(), ClientError> {
         self.socket.send_to(datagram, self.core.relay).await?;

@@ -33,9 +33,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// Sends `n` frames from `from` and receives them on `to`, allocating nothing itself.
-/// Returns how many arrived.
-async fn pump(from: &ControlClient, to: &ControlClient, frame_bytes: &[u8], n: usize) -> usize {
+/// Sends `n` frames from `from` and receives them on `to`, allocating nothing itself; the
+/// relay's QUIC packets to `to` (liveness pings) are answered. Returns how many arrived.
+async fn pump(from: &ControlClient, to: &mut ControlClient, frame_bytes: &[u8], n: usize) -> usize {
     let mut buf = [0u8; 2048];
     let (mut sent, mut received) = (0, 0);
     while received < n {
@@ -46,6 +46,7 @@ async fn pump(from: &ControlClient, to: &ControlClient, frame_bytes: &[u8], n: u
         }
         match tokio::time::timeout(Duration::from_secs(2), to.socket().recv_from(&mut buf)).await {
             Ok(Ok((len, _))) if frame::is_relay_frame(&buf[..len]) => received += 1,
+            Ok(Ok((len, src))) => to.on_control_datagram(&mut buf[..len], src),
             Ok(_) => {}
             Err(_) => break,
         }
@@ -119,12 +120,13 @@ fn forwarding_allocates_nothing_per_frame(io: IoBackend) {
     frame::encode_data(&session, &[0xab; 1200], &mut frame_bytes);
 
     // Warm-up: first-use allocations (lazily created counters and the like) happen here.
+    let (mut alice, mut web) = (alice, web);
     let (a, b, allocations) = rt.block_on(async {
-        assert_eq!(pump(&alice, &web, &frame_bytes, 2000).await, 2000);
-        assert_eq!(pump(&web, &alice, &frame_bytes, 2000).await, 2000);
+        assert_eq!(pump(&alice, &mut web, &frame_bytes, 2000).await, 2000);
+        assert_eq!(pump(&web, &mut alice, &frame_bytes, 2000).await, 2000);
         let before = ALLOCATIONS.load(Ordering::Relaxed);
-        let a = pump(&alice, &web, &frame_bytes, 10_000).await;
-        let b = pump(&web, &alice, &frame_bytes, 10_000).await;
+        let a = pump(&alice, &mut web, &frame_bytes, 10_000).await;
+        let b = pump(&web, &mut alice, &frame_bytes, 10_000).await;
         (a, b, ALLOCATIONS.load(Ordering::Relaxed) - before)
     });
     assert_eq!((a, b), (10_000, 10_000), "every frame forwarded");
