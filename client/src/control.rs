@@ -136,6 +136,23 @@ pub struct ControlCore {
     /// Latest QAD report.
     pub observed: Option<SocketAddr>,
     protocol_error: Option<String>,
+    /// While the connection is being set up.
+    setup: Option<Setup>,
+}
+
+/// A control connection being set up: QUIC and TLS, the relay's identity, Hello and Welcome,
+/// the first QAD report. Without I/O: whoever owns the socket feeds the core datagrams and
+/// time and asks [`ControlCore::poll_setup`], so an engine keeps serving its tunnels (and
+/// their direct paths) on the same socket while it reconnects.
+struct Setup {
+    started: Instant,
+    deadline: Instant,
+    timeout: Duration,
+    software: String,
+    hello_sent: bool,
+    relay_identity: Option<Identity>,
+    handshake_time: Duration,
+    welcome: Option<(String, Role, Vec<String>)>,
 }
 
 impl ControlCore {
@@ -150,7 +167,95 @@ impl ControlCore {
             keepalive: KeepAlive::new(KEEPALIVE),
             observed: None,
             protocol_error: None,
+            setup: None,
         }
+    }
+
+    /// Starts a control connection to `relay` from a socket bound to `local`; the setup
+    /// fails if it is not over within `timeout`.
+    pub fn connect(
+        local: SocketAddr,
+        relay: SocketAddr,
+        server_name: Option<&str>,
+        tls: &ClientTls,
+        software: &str,
+        timeout: Duration,
+    ) -> Result<ControlCore, ClientError> {
+        let mut config = tls.control_config(IDLE_TIMEOUT.as_millis() as u64)?;
+        let scid: [u8; 16] = rand::random();
+        let conn = quiche::connect(server_name, &quiche::ConnectionId::from_ref(&scid), local, relay, &mut config)?;
+        let mut core = ControlCore::new(conn, relay, local);
+        let started = Instant::now();
+        core.setup = Some(Setup {
+            started,
+            deadline: started + timeout,
+            timeout,
+            software: software.to_owned(),
+            hello_sent: false,
+            relay_identity: None,
+            handshake_time: Duration::ZERO,
+            welcome: None,
+        });
+        Ok(core)
+    }
+
+    /// Whether [`poll_setup`](Self::poll_setup) has something to look at (a driver waits
+    /// for this, for the next datagram, or for its timer).
+    pub fn setup_can_move(&self) -> bool {
+        let Some(s) = &self.setup else { return false };
+        self.conn.is_closed()
+            || (self.conn.is_established()
+                && (!s.hello_sent || if s.welcome.is_none() { !self.messages.is_empty() } else { self.observed.is_some() }))
+    }
+
+    /// Moves the setup on: `Some` once it is over, with what the relay said or why it failed.
+    pub fn poll_setup(&mut self, now: Instant) -> Option<Result<RelayInfo, ClientError>> {
+        let mut s = self.setup.take()?;
+        let outcome = self.advance_setup(&mut s, now);
+        if outcome.is_none() {
+            self.setup = Some(s);
+        }
+        outcome
+    }
+
+    fn advance_setup(&mut self, s: &mut Setup, now: Instant) -> Option<Result<RelayInfo, ClientError>> {
+        if self.conn.is_closed() {
+            return Some(Err(self.closed_error()));
+        }
+        if now >= s.deadline {
+            return Some(Err(ClientError::Timeout(self.relay, s.timeout)));
+        }
+        if !self.conn.is_established() {
+            return None;
+        }
+        if !s.hello_sent {
+            let id = match self.conn.peer_cert().map(Identity::from_certificate_der).transpose() {
+                Ok(Some(id)) => id,
+                Ok(None) => return Some(Err(ClientError::NotARelay("no certificate".into()))),
+                Err(e) => return Some(Err(ClientError::NotARelay(e.to_string()))),
+            };
+            if id.kind != Kind::Relay {
+                return Some(Err(ClientError::NotARelay(id.to_string())));
+            }
+            s.relay_identity = Some(id);
+            s.handshake_time = now.saturating_duration_since(s.started);
+            if let Err(e) = self.send(&Message::Hello { version: CONTROL_VERSION, software: s.software.clone() }) {
+                return Some(Err(e));
+            }
+            s.hello_sent = true;
+        }
+        if s.welcome.is_none() {
+            match self.messages.pop_front()? {
+                Message::Welcome { identity, role, services, .. } => s.welcome = Some((identity, role, services)),
+                Message::Error { code, message, .. } => return Some(Err(ClientError::Refused { code, message })),
+                other => return Some(Err(ClientError::Unexpected(Box::new(other)))),
+            }
+        }
+        // The first QAD report follows Welcome.
+        let observed = self.observed?;
+        let (identity, role, services) = s.welcome.take()?;
+        let relay_identity = s.relay_identity.take()?;
+        Some(Ok(RelayInfo { relay_identity, identity, role, services, observed, handshake_time: s.handshake_time }))
     }
 
     pub fn relay(&self) -> SocketAddr {
@@ -232,7 +337,12 @@ impl ControlCore {
 
     /// How long until [`on_timeout`](Self::on_timeout) has work: a QUIC timer or the keep-alive.
     pub fn timeout(&self, now: Instant) -> Option<Duration> {
-        self.keepalive.timeout(&self.conn, now)
+        let quic = self.keepalive.timeout(&self.conn, now);
+        match (&self.setup, quic) {
+            (Some(s), Some(t)) => Some(t.min(s.deadline.saturating_duration_since(now))),
+            (Some(s), None) => Some(s.deadline.saturating_duration_since(now)),
+            (None, t) => t,
+        }
     }
 
     /// Runs due QUIC timers and sends a keep-alive when the line has been quiet.
@@ -340,39 +450,16 @@ impl ControlClient {
         software: &str,
         timeout: Duration,
     ) -> Result<ControlClient, ClientError> {
-        let started = Instant::now();
-        let mut config = tls.control_config(IDLE_TIMEOUT.as_millis() as u64)?;
-        let local = socket.local_addr()?;
-        let scid: [u8; 16] = rand::random();
-        let conn = quiche::connect(server_name, &quiche::ConnectionId::from_ref(&scid), local, relay, &mut config)?;
-        let mut client =
-            ControlClient { socket, core: ControlCore::new(conn, relay, local), frames: VecDeque::new(), info: None, frames_dropped: 0 };
-        let deadline = started + timeout;
-        client.drive_until(deadline, |c| c.core.is_established()).await?;
-        let handshake_time = started.elapsed();
-        let relay_identity = client
-            .core
-            .conn
-            .peer_cert()
-            .map(Identity::from_certificate_der)
-            .transpose()
-            .map_err(|e| ClientError::NotARelay(e.to_string()))?
-            .ok_or_else(|| ClientError::NotARelay("no certificate".into()))?;
-        if relay_identity.kind != Kind::Relay {
-            return Err(ClientError::NotARelay(relay_identity.to_string()));
+        let deadline = Instant::now() + timeout;
+        let core = ControlCore::connect(socket.local_addr()?, relay, server_name, tls, software, timeout)?;
+        let mut client = ControlClient { socket, core, frames: VecDeque::new(), info: None, frames_dropped: 0 };
+        loop {
+            if let Some(outcome) = client.core.poll_setup(Instant::now()) {
+                client.info = Some(outcome?);
+                return Ok(client);
+            }
+            client.drive_until(deadline, |c| c.core.setup_can_move()).await?;
         }
-        client.send(&Message::Hello { version: CONTROL_VERSION, software: software.to_owned() })?;
-        let welcome = client.next_message_until(deadline).await?;
-        let (identity, role, services) = match welcome {
-            Message::Welcome { identity, role, services, .. } => (identity, role, services),
-            Message::Error { code, message, .. } => return Err(ClientError::Refused { code, message }),
-            other => return Err(ClientError::Unexpected(Box::new(other))),
-        };
-        // The first QAD report follows Welcome.
-        client.drive_until(deadline, |c| c.core.observed.is_some()).await?;
-        let observed = client.core.observed.unwrap_or(local);
-        client.info = Some(RelayInfo { relay_identity, identity, role, services, observed, handshake_time });
-        Ok(client)
     }
 
     /// Hands the socket, the protocol state and any frames that arrived early to a caller

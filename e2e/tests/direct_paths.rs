@@ -39,6 +39,8 @@ fn s(p: &Path) -> String {
 /// 127.0.0.1:8080 to it.
 struct Pair {
     lab: NatLab,
+    /// The relay's process index in the lab.
+    relay: usize,
     dir: PathBuf,
     agent_log: PathBuf,
     conn_log: PathBuf,
@@ -59,7 +61,7 @@ impl Pair {
         let mut relay_args = ztna_e2e::relay::args(&dir, "[::]:4433", ADMIN, ztna_e2e::Workers::Unpinned(2));
         relay_args.extend(["--nat-test", "203.0.113.10,203.0.113.11"].map(String::from));
         let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
-        lab.spawn(NatHost::Relay, &bin("ztna-relay"), &relay_args, &relay_log).unwrap();
+        let relay = lab.spawn(NatHost::Relay, &bin("ztna-relay"), &relay_args, &relay_log).unwrap();
         wait_for_log(&relay_log, "relay started", Duration::from_secs(10)).unwrap();
 
         let www = dir.join("www");
@@ -80,7 +82,7 @@ impl Pair {
         let agent_args = ["run", "--relay", RELAY, "--direct", "on", "--pki-dir", &d, "--name", "alice", "-L", "8080:web", "--metrics", AGENT_METRICS];
         lab.spawn(NatHost::Agent, &bin("ztna-agent"), &agent_args, &agent_log).unwrap();
         wait_for_log(&agent_log, "TCP forward ready", Duration::from_secs(10)).unwrap();
-        Pair { lab, dir, agent_log, conn_log, _pki: pki }
+        Pair { lab, relay, dir, agent_log, conn_log, _pki: pki }
     }
 
     /// Downloads the test file through the tunnel (curl in the agent host, at most `rate`
@@ -294,6 +296,34 @@ fn a_separate_p2p_socket_goes_direct_where_the_firewall_lets_only_it_out() {
         }
         eprintln!("p2p socket {p2p}: {} ({relayed} relay frames)", if p2p { "direct" } else { "relay" });
     }
+}
+
+/// A tunnel on a direct path does not depend on the relay: the relay dies (SIGKILL) in the
+/// middle of a transfer, both clients lose their control connections, and the transfer goes
+/// on direct, byte-exact, without moving to the relay path.
+#[test]
+fn a_direct_tunnel_carries_on_when_the_relay_dies() {
+    let _turn = take_turn();
+    let pair = Pair::start_with("dk", &NatLabConfig::new(NatType::PortRestricted, NatType::PortRestricted), SLOW_FILE_LEN, &[]);
+    pair.fetch("warm-up", None);
+    assert!(pair.wait_path(true, Duration::from_secs(5)), "no direct path\n{}", pair.logs());
+    std::thread::scope(|sc| {
+        let started = Instant::now();
+        let transfer = sc.spawn(|| pair.fetch("slow", Some(SLOW_RATE)));
+        std::thread::sleep(Duration::from_millis(1500));
+        pair.lab.process(pair.relay).signal(ztna_e2e::SIGKILL);
+        // The connector (2 s keep-alive) notices while the transfer runs; the agent, which
+        // sends the relay nothing but its 10 s keep-alive, may notice only after it.
+        assert!(
+            pair.wait(Duration::from_secs(6), || std::fs::read_to_string(&pair.conn_log).unwrap_or_default().contains("lost the relay")),
+            "the connector did not notice the dead relay\n{}",
+            pair.logs()
+        );
+        transfer.join().unwrap();
+        eprintln!("48 MiB at 8 MiB/s took {:?} with the relay killed 1.5 s in", started.elapsed());
+    });
+    assert_eq!(pair.direct_tunnels(), 1.0, "still direct");
+    assert_eq!(pair.agent_metric("ztna_agent_path_switches_total", &[("direction", "direct_to_relay")]), 0.0);
 }
 
 /// A third host that knows the session id (it is in every frame) sends DATA frames and

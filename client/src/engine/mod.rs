@@ -34,7 +34,7 @@ use ztna_proto::{ErrorCode, Message, SessionId};
 
 use crate::backoff::Backoff;
 use crate::candidates::host_candidates;
-use crate::control::{ClientError, ControlClient, ControlCore, RelayInfo};
+use crate::control::{ClientError, ControlCore, RelayInfo};
 use crate::direct::Punch;
 use crate::flows::{FlowEvent, FlowKey};
 use crate::metrics::ClientMetrics;
@@ -117,7 +117,12 @@ pub struct Core {
     cfg: EngineConfig,
     side: Side,
     metrics: Arc<ClientMetrics>,
+    /// Bound at the first connection attempt and kept for good: the tunnels' relay frames,
+    /// their direct paths and the NAT mapping peers punch towards all live on it, across
+    /// control connections.
     socket: Option<UdpSocket>,
+    /// A control connection being set up, driven by the loop like everything else.
+    connecting: Option<ControlCore>,
     /// Direct traffic's own socket, when configured; it outlives control connections.
     p2p: Option<P2pSocket>,
     control: Option<ControlCore>,
@@ -281,59 +286,61 @@ impl Core {
         self.replay.push_back((datagram, from));
     }
 
-    /// One connection attempt: the client, or `None` with a retry scheduled. A failure that
-    /// retrying cannot mend ends the program if we never got in.
-    async fn dial(&mut self) -> Result<Option<ControlClient>> {
+    /// Starts a connection attempt on the engine's socket (bound now if it is the first);
+    /// the loop drives it.
+    fn start_connect(&mut self) -> Result<()> {
         let c = &self.cfg;
-        // Dual stack, so direct paths may use IPv6 host candidates whatever the relay's family.
-        let attempt = match crate::control::bind_engine_socket(c.relay) {
-            Ok(socket) => {
-                ControlClient::connect_on(socket, c.relay, c.server_name.as_deref(), &c.tls, &c.software, c.connect_timeout).await
-            }
-            Err(e) => Err(e.into()),
-        };
-        match attempt {
-            Ok(client) => Ok(Some(client)),
-            Err(e) => {
-                let fatal = match &e {
-                    ClientError::Refused { .. } | ClientError::Handshake(_) | ClientError::NotARelay(_) | ClientError::Setup(_) => true,
-                    ClientError::ClosedByRelay { code, .. } => ztna_proto::control::close_code::is_permanent(*code),
-                    _ => false,
-                };
-                if fatal && !self.ever_connected {
-                    bail!("{e}");
-                }
-                let delay = self.backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "cannot reach the relay");
-                self.reconnect_at = Some(Instant::now() + delay);
-                Ok(None)
+        if self.socket.is_none() {
+            // Dual stack, so direct paths may use IPv6 host candidates whatever the relay's family.
+            match crate::control::bind_engine_socket(c.relay) {
+                Ok(socket) => self.socket = Some(socket),
+                Err(e) => return self.connect_failed(e.into()),
             }
         }
+        let local = self.socket.as_ref().and_then(|s| s.local_addr().ok());
+        let Some(local) = local else { return self.connect_failed(ClientError::Closed) };
+        match ControlCore::connect(local, c.relay, c.server_name.as_deref(), &c.tls, &c.software, c.connect_timeout) {
+            Ok(core) => self.connecting = Some(core),
+            Err(e) => return self.connect_failed(e),
+        }
+        Ok(())
     }
 
-    /// Takes the connected client's socket and protocol state over.
-    fn install(&mut self, client: ControlClient, info: &RelayInfo) {
+    /// An attempt failed: retry after the backoff, unless it is a failure that retrying cannot
+    /// mend and we never got in (then the program ends).
+    fn connect_failed(&mut self, e: ClientError) -> Result<()> {
+        let fatal = match &e {
+            ClientError::Refused { .. } | ClientError::Handshake(_) | ClientError::NotARelay(_) | ClientError::Setup(_) => true,
+            ClientError::ClosedByRelay { code, .. } => ztna_proto::control::close_code::is_permanent(*code),
+            _ => false,
+        };
+        if fatal && !self.ever_connected {
+            bail!("{e}");
+        }
+        let delay = self.backoff.next_delay();
+        tracing::warn!(error = %e, retry_in = ?delay, "cannot reach the relay");
+        self.reconnect_at = Some(Instant::now() + delay);
+        Ok(())
+    }
+
+    /// The control connection is set up: it becomes the engine's.
+    fn install(&mut self, mut core: ControlCore, info: &RelayInfo) {
         if self.ever_connected {
             self.metrics.reconnects.inc();
         }
         self.ever_connected = true;
         self.backoff.reset();
         tracing::info!(relay = %self.cfg.relay, identity = %info.identity, observed = %info.observed, "connected to the relay");
-        let (socket, mut core, early_frames) = client.into_parts();
         if self.side == Side::Connector {
             core.set_keepalive(CONNECTOR_KEEPALIVE);
         }
         self.relay_liveness = Liveness::new(CONTROL_LIVENESS, Instant::now());
-        self.socket = Some(socket);
         self.control = Some(core);
-        self.replay.extend(early_frames);
     }
 
-    /// The control connection is gone: the relay sessions go with it (the caller closes the
-    /// tunnels first, while nothing can be sent).
+    /// The control connection is gone, and the relay sessions with it. The socket stays.
     fn lose_control(&mut self) {
         self.control = None;
-        self.socket = None;
     }
 
     fn schedule_reconnect(&mut self) {
@@ -378,8 +385,10 @@ impl Core {
         if let Some(at) = self.reconnect_at {
             wait = wait.min(at.saturating_duration_since(now));
         }
-        if let Some(t) = self.control.as_ref().and_then(|c| c.timeout(now)) {
-            wait = wait.min(t);
+        for core in self.control.iter().chain(&self.connecting) {
+            if let Some(t) = core.timeout(now) {
+                wait = wait.min(t);
+            }
         }
         if let Some(at) = self.tunnels.next_deadline() {
             wait = wait.min(at.saturating_duration_since(now));
@@ -400,6 +409,11 @@ impl Core {
             while let Ok(Some((n, to))) = core.poll_transmit(&mut self.txbuf) {
                 let _ = socket.send_to(&self.txbuf[..n], to).await;
                 to_relay = true;
+            }
+        }
+        if let Some(core) = &mut self.connecting {
+            while let Ok(Some((n, to))) = core.poll_transmit(&mut self.txbuf) {
+                let _ = socket.send_to(&self.txbuf[..n], to).await;
             }
         }
         // Only tunnels that changed can have something new to send.
@@ -467,6 +481,7 @@ impl<R: Role> Engine<R> {
             streams: Streams::new(R::SIDE, flow_tx, metrics.clone()),
             metrics,
             socket: None,
+            connecting: None,
             p2p,
             control: None,
             relay_liveness: Liveness::new(CONTROL_LIVENESS, Instant::now()),
@@ -502,18 +517,23 @@ impl<R: Role> Engine<R> {
     /// rather than at their idle timeouts.
     pub async fn run_until(mut self, stop: impl std::future::Future<Output = &'static str>) -> Result<()> {
         tokio::pin!(stop);
+        if let Some(p2p) = &mut self.core.p2p {
+            // The first probe waits for the new socket to be writable (see `probe_now`).
+            p2p.probe_now().await;
+        }
         loop {
             if let Some(at) = self.core.reconnect_at
                 && Instant::now() >= at
             {
                 self.core.reconnect_at = None;
-                let stopped = tokio::select! {
-                    r = self.connect() => { r?; None }
-                    why = &mut stop => Some(why),
-                };
-                if let Some(why) = stopped {
-                    return self.shut_down(why).await;
+                // The peer-to-peer socket's probe goes first, so its answer is likely in by
+                // the time the handshake ends and the relay hears the address before any
+                // session is offered.
+                if let Some(p2p) = &mut self.core.p2p {
+                    p2p.probe.hurry(Instant::now());
+                    p2p.drive(Instant::now());
                 }
+                self.core.start_connect()?;
             }
             self.core.flush().await;
             let wait = self.core.next_wake(Instant::now());
@@ -583,16 +603,10 @@ impl<R: Role> Engine<R> {
         }
     }
 
-    async fn connect(&mut self) -> Result<()> {
-        // The peer-to-peer socket's probe goes first, so its answer is likely in by the time
-        // the handshake ends and the relay hears the address before any session is offered.
-        if let Some(p2p) = &mut self.core.p2p {
-            p2p.probe_now().await;
-        }
-        let Some(client) = self.core.dial().await? else { return Ok(()) };
-        let info = client.info.clone().ok_or_else(|| anyhow::anyhow!("no relay info"))?;
+    /// The connection being set up is ready: it becomes the engine's control connection.
+    fn connected(&mut self, core: ControlCore, info: RelayInfo) -> Result<()> {
         self.role.check_relay(&info, !self.core.ever_connected)?;
-        self.core.install(client, &info);
+        self.core.install(core, &info);
         if let Some(p2p) = &self.core.p2p {
             // What we knew before this connection; an answer that changes it is sent as it comes.
             if let Some(addr) = p2p.probe.reflexive() {
@@ -722,7 +736,11 @@ impl<R: Role> Engine<R> {
                         core.relay_liveness.on_rx(Instant::now());
                     }
                 }
-                (Via::Main, None) => {}
+                (Via::Main, None) => {
+                    if let Some(connecting) = &mut core.connecting {
+                        connecting.on_datagram(datagram, from);
+                    }
+                }
                 (Via::P2p, _) => core.metrics.direct_rejected("not_authentic"),
             }
             return;
@@ -886,6 +904,18 @@ impl<R: Role> Engine<R> {
     }
 
     fn on_timers(&mut self, now: Instant) -> Result<()> {
+        if let Some(core) = &mut self.core.connecting {
+            if core.timeout(now).is_some_and(|d| d.is_zero()) {
+                core.on_timeout(now);
+            }
+            if let Some(outcome) = core.poll_setup(now) {
+                let core = self.core.connecting.take().unwrap_or_else(|| unreachable!());
+                match outcome {
+                    Ok(info) => self.connected(core, info)?,
+                    Err(e) => self.core.connect_failed(e)?,
+                }
+            }
+        }
         if let Some(core) = &mut self.core.control {
             if core.timeout(now).is_some_and(|d| d.is_zero()) {
                 core.on_timeout(now);
