@@ -212,6 +212,10 @@ pub enum Message {
     /// R->C, connector, right after a `SessionOffer`: the new session carries the existing
     /// tunnel `tunnel` (an agent's `Resume`).
     SessionResumes { session: SessionId, tunnel: SessionId },
+    /// R->C: the relay is shutting down and closes this connection next; reconnect at a
+    /// random moment within `reconnect_within_ms`, so the clients of a restart do not all
+    /// come back at once (§7.16).
+    GoingAway { reconnect_within_ms: u32 },
 }
 
 pub const TYPE_HELLO: u8 = 0x01;
@@ -232,6 +236,7 @@ pub const TYPE_ERROR: u8 = 0x86;
 pub const TYPE_PONG: u8 = 0x87;
 pub const TYPE_PEER_CANDIDATES: u8 = 0x88;
 pub const TYPE_SESSION_RESUMES: u8 = 0x89;
+pub const TYPE_GOING_AWAY: u8 = 0x8a;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DecodeError {
@@ -280,6 +285,7 @@ impl Message {
             Message::DirectAddress { .. } => TYPE_DIRECT_ADDRESS,
             Message::Resume { .. } => TYPE_RESUME,
             Message::SessionResumes { .. } => TYPE_SESSION_RESUMES,
+            Message::GoingAway { .. } => TYPE_GOING_AWAY,
             Message::PeerCandidates { .. } => TYPE_PEER_CANDIDATES,
         }
     }
@@ -337,6 +343,7 @@ impl Message {
                 out.extend_from_slice(session.as_bytes());
                 out.extend_from_slice(tunnel.as_bytes());
             }
+            Message::GoingAway { reconnect_within_ms } => out.extend_from_slice(&reconnect_within_ms.to_be_bytes()),
             Message::SessionOffer { session, request_id, service, peer_role, peer_identity } => {
                 out.extend_from_slice(session.as_bytes());
                 out.extend_from_slice(&request_id.to_be_bytes());
@@ -396,6 +403,7 @@ impl Message {
                 connector: r.string(MAX_IDENTITY_LEN).map_err(malformed)?.to_owned(),
                 tunnel: read_session(&mut r).map_err(malformed)?,
             },
+            TYPE_GOING_AWAY => Message::GoingAway { reconnect_within_ms: r.u32().map_err(malformed)? },
             TYPE_SESSION_RESUMES => Message::SessionResumes {
                 session: read_session(&mut r).map_err(malformed)?,
                 tunnel: read_session(&mut r).map_err(malformed)?,
@@ -672,6 +680,7 @@ mod tests {
             (any::<u32>(), service(), text(MAX_IDENTITY_LEN), session())
                 .prop_map(|(request_id, service, connector, tunnel)| Message::Resume { request_id, service, connector, tunnel }),
             (session(), session()).prop_map(|(session, tunnel)| Message::SessionResumes { session, tunnel }),
+            any::<u32>().prop_map(|reconnect_within_ms| Message::GoingAway { reconnect_within_ms }),
             (session(), any::<[u8; PUNCH_TOKEN_LEN]>(), candidates())
                 .prop_map(|(session, token, candidates)| Message::PeerCandidates { session, token, candidates }),
         ]

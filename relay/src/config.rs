@@ -151,6 +151,9 @@ pub struct Limits {
     pub control_idle_timeout_secs: u64,
     /// On SIGTERM, how long to wait for connections to close before exiting.
     pub drain_timeout_secs: u64,
+    /// On SIGTERM, clients are asked to reconnect at a random moment within this many
+    /// milliseconds (`GoingAway`), which spreads the reconnects after a restart. 0: at once.
+    pub reconnect_spread_ms: u32,
     /// A source over its handshake limit is blocklisted in XDP (its QUIC Initials dropped
     /// before they reach user space) for this long. Only with XDP on.
     pub blocklist_secs: u64,
@@ -191,6 +194,7 @@ impl Default for Limits {
             session_idle_timeout_secs: 120,
             control_idle_timeout_secs: 30,
             drain_timeout_secs: 5,
+            reconnect_spread_ms: 1000,
             blocklist_secs: 10,
         }
     }

@@ -58,6 +58,9 @@ const CONNECTOR_KEEPALIVE: Duration = Duration::from_secs(2);
 /// connection was lost; then it is closed (a tunnel on a direct path waits as long as that
 /// path works).
 pub const RESUME_WITHIN: Duration = Duration::from_secs(30);
+/// The longest reconnect spread a relay may ask for (`GoingAway`): more would only leave
+/// tunnels without a relay session for longer.
+const MAX_RECONNECT_SPREAD: Duration = Duration::from_secs(30);
 /// Peer candidates kept for sessions whose tunnel has not started yet (the connector hears
 /// of them with the offer, before the agent's first packet).
 const MAX_PENDING_CANDIDATES: usize = 1024;
@@ -131,6 +134,8 @@ pub struct Core {
     relay_liveness: Liveness,
     backoff: Backoff,
     reconnect_at: Option<Instant>,
+    /// The relay said it is going away: come back at a random moment within this.
+    going_away: Option<Duration>,
     ever_connected: bool,
     tunnel_config: quiche::Config,
     tunnels: TunnelTable,
@@ -344,7 +349,12 @@ impl Core {
     }
 
     fn schedule_reconnect(&mut self) {
-        let delay = self.backoff.next_delay();
+        // After a `GoingAway`, a moment of the relay's choosing spreads a restart's reconnects;
+        // later attempts back off as usual.
+        let delay = match self.going_away.take() {
+            Some(within) => within.mul_f64(rand::random::<f64>()),
+            None => self.backoff.next_delay(),
+        };
         self.reconnect_at = Some(Instant::now() + delay);
     }
 
@@ -487,6 +497,7 @@ impl<R: Role> Engine<R> {
             relay_liveness: Liveness::new(CONTROL_LIVENESS, Instant::now()),
             backoff: Backoff::default(),
             reconnect_at: Some(Instant::now()),
+            going_away: None,
             ever_connected: false,
             tunnels: TunnelTable::default(),
             aliases: HashMap::new(),
@@ -680,6 +691,11 @@ impl<R: Role> Engine<R> {
                 } else {
                     tracing::warn!(%code, "relay: {message}");
                 }
+            }
+            Message::GoingAway { reconnect_within_ms } => {
+                let within = Duration::from_millis(reconnect_within_ms.into()).min(MAX_RECONNECT_SPREAD);
+                tracing::info!(target: LOG, ?within, "the relay is going away");
+                self.core.going_away = Some(within);
             }
             Message::ObservedAddress { addr, .. } => {
                 tracing::info!(observed = %addr, "relay reports our address");

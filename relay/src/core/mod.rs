@@ -41,6 +41,9 @@ use conns::ConnTable;
 
 /// How often idle sessions, the limiter's table and reloads are looked at.
 pub const MAINTENANCE_EVERY: Duration = Duration::from_millis(500);
+/// Between `GoingAway` and the close that follows it: time for the message to leave (a close
+/// discards stream data not yet sent).
+const DRAIN_NOTICE: Duration = Duration::from_millis(20);
 
 /// Messages between the cores of different workers (or to this one, from inside a handler).
 #[derive(Debug)]
@@ -132,6 +135,8 @@ struct Ctx {
     next_maintenance: Instant,
     /// Set once draining began: the time by which the worker stops anyway.
     drain_deadline: Option<Instant>,
+    /// While draining: when the connections told `GoingAway` are closed.
+    drain_close_at: Option<Instant>,
     reset_budget: crate::reset::ResetBudget,
 }
 
@@ -151,6 +156,7 @@ impl Core {
             forwarded: 0,
             next_maintenance: now + MAINTENANCE_EVERY,
             drain_deadline: None,
+            drain_close_at: None,
             reset_budget: crate::reset::ResetBudget::new(),
         };
         Ok(Core { conns: ConnTable::default(), ctx })
@@ -166,7 +172,7 @@ impl Core {
 
     /// When the core next needs [`Core::handle_timeout`].
     pub fn next_timeout(&self) -> Instant {
-        let t = self.ctx.next_maintenance;
+        let t = self.ctx.drain_close_at.map_or(self.ctx.next_maintenance, |c| c.min(self.ctx.next_maintenance));
         self.conns.next_deadline().map_or(t, |d| d.min(t))
     }
 
@@ -234,6 +240,10 @@ impl Core {
         if self.ctx.shared.is_draining() && self.ctx.drain_deadline.is_none() {
             self.drain(now);
         }
+        if self.ctx.drain_close_at.is_some_and(|at| now >= at) {
+            self.ctx.drain_close_at = None;
+            self.close_all();
+        }
     }
 
     /// Draining and done: every connection closed, or the drain timeout passed.
@@ -241,9 +251,21 @@ impl Core {
         self.ctx.drain_deadline.is_some_and(|d| self.conns.is_empty() || now >= d)
     }
 
-    /// SIGTERM: every connection is closed with a reason; new handshakes are refused.
+    /// SIGTERM: new handshakes are refused; every client is told `GoingAway` (when to come
+    /// back), and a moment later, once that has left, every connection is closed with a reason.
     fn drain(&mut self, now: Instant) {
-        self.ctx.drain_deadline = Some(now + self.ctx.shared.config.limits.drain_timeout());
+        let limits = &self.ctx.shared.config.limits;
+        self.ctx.drain_deadline = Some(now + limits.drain_timeout());
+        let going_away = Message::GoingAway { reconnect_within_ms: limits.reconnect_spread_ms };
+        for key in self.conns.keys() {
+            if let Some(c) = self.conns.touch(&key).filter(|c| c.state() == conn::State::Ready) {
+                c.send(&going_away);
+            }
+        }
+        self.ctx.drain_close_at = Some(now + DRAIN_NOTICE);
+    }
+
+    fn close_all(&mut self) {
         for key in self.conns.keys() {
             if let Some(c) = self.conns.touch(&key) {
                 c.close(close_code::SHUTDOWN, "relay shutting down");

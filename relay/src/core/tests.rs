@@ -550,10 +550,21 @@ fn reload_ends_what_the_new_policy_forbids() {
 }
 
 #[test]
-fn drain_closes_every_connection_then_finishes() {
+fn drain_says_going_away_then_closes_every_connection_then_finishes() {
     let (mut lab, alice, web, _) = Lab::with_session(0, 1);
     lab.shared.draining.store(true, Ordering::Relaxed);
     lab.advance(Duration::from_millis(1));
+    let spread = lab.shared.config.limits.reconnect_spread_ms;
+    for c in [alice, web] {
+        let told = lab.clients[c].take(|m| match m {
+            Message::GoingAway { reconnect_within_ms } => Some(*reconnect_within_ms),
+            _ => None,
+        });
+        assert_eq!(told, vec![spread], "told first, with the spread");
+        assert_eq!(lab.clients[c].close_code(), None, "and not closed yet");
+        assert!(lab.clients[c].closed_sessions().is_empty(), "no SessionClosed: the tunnels are to outlive the relay");
+    }
+    lab.advance(super::DRAIN_NOTICE);
     for c in [alice, web] {
         assert_eq!(lab.clients[c].close_code(), Some(super::close_code::SHUTDOWN));
     }
