@@ -15,6 +15,7 @@ mod direct_stream;
 mod flood;
 mod handshakes;
 mod idle_rss;
+mod reconnect_storm;
 mod sessions;
 mod setup;
 mod tunnel;
@@ -48,6 +49,9 @@ struct Cli {
 enum Cmd {
     /// Control-connection handshakes per second: N loops of connect (full handshake) + close.
     Handshakes(handshakes::HandshakeArgs),
+    /// N real client engines reconnecting to a relay restarted with SIGTERM, with and without
+    /// its reconnect spread: time until all are back, peak handshake rate.
+    ReconnectStorm(reconnect_storm::ReconnectStormArgs),
     /// Relay resident memory per idle control connection.
     IdleRss(idle_rss::IdleRssArgs),
     /// End-to-end tunnel throughput and added latency (relay, connector, agent started each in
@@ -142,6 +146,11 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::DirectStream(a) => {
             let r = direct_stream::run(&a)?;
             direct_stream::print(&r);
+            write_json(a.json.as_deref(), &r)
+        }
+        Cmd::ReconnectStorm(a) => {
+            let r = reconnect_storm::run(&a).await?;
+            reconnect_storm::print(&r);
             write_json(a.json.as_deref(), &r)
         }
         Cmd::DirectStorm(a) => {

@@ -91,6 +91,9 @@ struct RunArgs {
     /// Its port (it also uses the next one; default 3478).
     #[arg(long)]
     nat_test_port: Option<u16>,
+    /// On SIGTERM, clients reconnect at a random moment within this many ms (default 1000).
+    #[arg(long)]
+    reconnect_spread_ms: Option<u32>,
     /// Directory for state that outlives a restart, the stateless-reset key (default `state`).
     #[arg(long)]
     state_dir: Option<std::path::PathBuf>,
@@ -190,6 +193,7 @@ fn run(args: RunArgs) -> Result<()> {
     if !args.nat_test.is_empty() { cfg.nat_test.addresses = args.nat_test }
     if let Some(v) = args.nat_test_port { cfg.nat_test.port = v }
     if let Some(v) = args.state_dir { cfg.state_dir = v }
+    if let Some(v) = args.reconnect_spread_ms { cfg.limits.reconnect_spread_ms = v }
 
     let nothing_exists = !cfg.cert.exists() && !cfg.key.exists() && !cfg.ca.exists();
     if cfg.dev_pki && nothing_exists {
