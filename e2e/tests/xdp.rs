@@ -231,7 +231,9 @@ fn a_relay_comes_up_clean_over_an_earlier_instances_leftovers() {
     let m = relay_metrics(&run.lab);
     assert!(xdp(&m, "forwarded_redirect") > 1000.0, "XDP forwarded {}", xdp(&m, "forwarded_redirect"));
     let steered = metric_sum(&m, "ztna_relay_reuseport_steering_total", &[("result", "by_id")]);
-    assert!(steered > 10.0, "reuseport steering placed {steered} datagrams by id");
+    // Control packets with the relay's ids (Hello rides with the handshake's last flight,
+    // so a client sends only a handful of them here); none would mean no steering by id.
+    assert!(steered > 0.0, "reuseport steering placed {steered} datagrams by id");
 
     run.lab.process(relay).signal(SIGKILL);
     run.lab.process(relay).wait_exit(Duration::from_secs(5));
