@@ -154,6 +154,10 @@ pub struct Limits {
     /// On SIGTERM, clients are asked to reconnect at a random moment within this many
     /// milliseconds (`GoingAway`), which spreads the reconnects after a restart. 0: at once.
     pub reconnect_spread_ms: u32,
+    /// A connector with sessions that answers nothing for this long is dropped, so its
+    /// sessions end and new ones go elsewhere (PROTOCOL.md §7.14); it is asked (PING) from a
+    /// quarter of it on. 0: no such check (QUIC's idle timeout only).
+    pub connector_dead_after_ms: u64,
     /// A source over its handshake limit is blocklisted in XDP (its QUIC Initials dropped
     /// before they reach user space) for this long. Only with XDP on.
     pub blocklist_secs: u64,
@@ -195,12 +199,19 @@ impl Default for Limits {
             control_idle_timeout_secs: 30,
             drain_timeout_secs: 5,
             reconnect_spread_ms: 1000,
+            connector_dead_after_ms: 2000,
             blocklist_secs: 10,
         }
     }
 }
 
 impl Limits {
+    /// The liveness schedule for connectors with sessions, if the check is on.
+    pub fn connector_liveness(&self) -> Option<ztna_proto::liveness::LivenessConfig> {
+        let dead = Duration::from_millis(self.connector_dead_after_ms);
+        (!dead.is_zero()).then(|| ztna_proto::liveness::LivenessConfig { ping_after: dead / 4, dead_after: dead, pings: 3 })
+    }
+
     pub fn session_idle_timeout(&self) -> Duration {
         Duration::from_secs(self.session_idle_timeout_secs)
     }

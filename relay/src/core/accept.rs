@@ -86,7 +86,7 @@ impl Ctx {
         };
         // Without Retry, the client's retransmitted Initials still carry its own DCID.
         let alias = odcid.is_none().then_some(&hdr.dcid[..]);
-        conns.insert(ControlConn::new(quic, scid, from, now), alias);
+        conns.insert(ControlConn::new(quic, scid, from, now, self.shared.config.limits.connector_liveness()), alias);
         self.m.control_connections.inc();
         Some(scid)
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ztna_proto::control::{DecodeError, FramingError, MessageReader};
 use ztna_proto::identity::{Identity, Kind};
 use ztna_proto::{Message, SessionId};
-use ztna_proto::liveness::{CONTROL_LIVENESS, Liveness, Verdict};
+use ztna_proto::liveness::{Liveness, LivenessConfig, Verdict};
 
 pub use ztna_proto::control::close_code;
 
@@ -59,8 +59,9 @@ pub struct ControlConn {
     /// Where the client's separate peer-to-peer socket is seen (`DirectAddress`), if it has one.
     direct_addr: Option<SocketAddr>,
     qad_seq: u32,
-    /// Packets QUIC accepted from the client, for the liveness check of connectors with sessions.
-    liveness: Liveness,
+    /// Packets QUIC accepted from the client, for the liveness check of connectors with
+    /// sessions (`None`: the check is off).
+    liveness: Option<Liveness>,
     unresponsive: bool,
     reader: MessageReader,
     outbox: Vec<u8>,
@@ -68,7 +69,7 @@ pub struct ControlConn {
 }
 
 impl ControlConn {
-    pub fn new(quic: quiche::Connection, key: ConnKey, peer: SocketAddr, now: Instant) -> Self {
+    pub fn new(quic: quiche::Connection, key: ConnKey, peer: SocketAddr, now: Instant, liveness: Option<LivenessConfig>) -> Self {
         ControlConn {
             quic,
             key,
@@ -81,7 +82,7 @@ impl ControlConn {
             registered: Vec::new(),
             direct_addr: None,
             qad_seq: 0,
-            liveness: Liveness::new(CONTROL_LIVENESS, now),
+            liveness: liveness.map(|cfg| Liveness::new(cfg, now)),
             unresponsive: false,
             reader: MessageReader::new(),
             outbox: Vec::new(),
@@ -136,7 +137,9 @@ impl ControlConn {
 
     pub fn recv(&mut self, buf: &mut [u8], info: quiche::RecvInfo, now: Instant) -> quiche::Result<usize> {
         let n = self.quic.recv(buf, info)?;
-        self.liveness.on_rx(now);
+        if let Some(l) = &mut self.liveness {
+            l.on_rx(now);
+        }
         Ok(n)
     }
 
@@ -198,7 +201,8 @@ impl ControlConn {
         if !self.liveness_watched() {
             return;
         }
-        match self.liveness.poll(now) {
+        let Some(liveness) = &mut self.liveness else { return };
+        match liveness.poll(now) {
             Verdict::Quiet => {}
             Verdict::Ping => {
                 let _ = self.quic.send_ack_eliciting();
@@ -216,14 +220,18 @@ impl ControlConn {
     /// sessions end and new ones go elsewhere. (QUIC's idle timeout alone takes 30 s; agents
     /// and idle connectors are left to it.)
     fn liveness_watched(&self) -> bool {
-        self.state == State::Ready && !self.unresponsive && self.kind() == Some(Kind::Connector) && !self.sessions.is_empty()
+        self.liveness.is_some()
+            && self.state == State::Ready
+            && !self.unresponsive
+            && self.kind() == Some(Kind::Connector)
+            && !self.sessions.is_empty()
     }
 
     fn liveness_deadline(&self) -> Option<Instant> {
         if !self.liveness_watched() {
             return None;
         }
-        Some(self.liveness.deadline())
+        self.liveness.as_ref().map(Liveness::deadline)
     }
 
     /// Closed for not answering liveness pings: remove it now.
