@@ -42,6 +42,30 @@ async fn who_answers(local: SocketAddr) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&name).into_owned())
 }
 
+/// The download's bytes: xorshift, in chunks, the same for the backend and the check.
+const CHUNK: usize = 64 * 1024;
+
+struct Pattern {
+    x: u64,
+    chunk: Vec<u8>,
+}
+
+impl Pattern {
+    fn new() -> Self {
+        Pattern { x: 0x9e3779b97f4a7c15, chunk: vec![0u8; CHUNK] }
+    }
+
+    fn next_chunk(&mut self) -> &[u8] {
+        for b in self.chunk.iter_mut() {
+            self.x ^= self.x << 13;
+            self.x ^= self.x >> 7;
+            self.x ^= self.x << 17;
+            *b = self.x as u8;
+        }
+        &self.chunk
+    }
+}
+
 struct Setup {
     pki: Pki,
     relay: Relay,
@@ -57,6 +81,20 @@ async fn setup(tag: &str) -> Setup {
     let agent = start_agent(&pki, relay.addr_v4(), "alice", &["-L", &format!("{port}:web")]).unwrap();
     agent.wait_for_log(&["TCP forward ready"], Duration::from_secs(10)).unwrap();
     Setup { pki, relay, agent, local }
+}
+
+/// Connector web-1 serving `web` from `backend`, registered.
+fn web_connector(s: &Setup, backend: SocketAddr) -> Process {
+    start_connector(&s.pki, s.relay.addr_v4(), "web-1", &[format!("web={backend}")], &[]).unwrap()
+}
+
+/// How long each of the agent and `connector` took to log that the relay stopped answering
+/// (within `limit`), in that order.
+fn times_to_notice(s: &Setup, connector: &Process, limit: Duration) -> [(&'static str, Duration); 2] {
+    [("agent", &s.agent), ("connector", connector)].map(|(who, p)| {
+        let noticed = time_until(limit, || p.log_text().contains("the relay stopped answering"));
+        (who, noticed.unwrap_or_else(|| panic!("the {who} did not notice\n{}", p.log_tail(20))))
+    })
 }
 
 /// Polls `done` every 10 ms for up to `limit`; how long it took.
@@ -77,7 +115,7 @@ fn time_until(limit: Duration, mut done: impl FnMut() -> bool) -> Option<Duratio
 async fn a_stopped_connector_or_agent_is_forgotten_at_once() {
     let s = setup("stop").await;
     let backend = named_backend("web-1").await;
-    let connector = start_connector(&s.pki, s.relay.addr_v4(), "web-1", &[format!("web={backend}")], &[]).unwrap();
+    let connector = web_connector(&s, backend);
     assert_eq!(who_answers(s.local).await.unwrap(), "web-1");
     assert_eq!(s.relay.metric("ztna_relay_sessions_active", &[]), 1.0);
 
@@ -108,7 +146,7 @@ async fn a_stopped_connector_or_agent_is_forgotten_at_once() {
 async fn a_killed_connector_fails_over_to_the_other_within_the_bound() {
     let s = setup("failover").await;
     let (b1, b2) = (named_backend("web-1").await, named_backend("web-2").await);
-    let web1 = start_connector(&s.pki, s.relay.addr_v4(), "web-1", &[format!("web={b1}")], &[]).unwrap();
+    let web1 = web_connector(&s, b1);
     let web2 = start_connector(&s.pki, s.relay.addr_v4(), "web-2", &[format!("web={b2}")], &[]).unwrap();
     let first = who_answers(s.local).await.unwrap();
     let (victim, survivor) = if first == "web-1" { (&web1, "web-2") } else { (&web2, "web-1") };
@@ -128,7 +166,7 @@ async fn a_killed_connector_fails_over_to_the_other_within_the_bound() {
 async fn a_dead_relay_is_noticed_in_seconds() {
     let s = setup("deadrelay").await;
     let backend = named_backend("web-1").await;
-    let connector = start_connector(&s.pki, s.relay.addr_v4(), "web-1", &[format!("web={backend}")], &[]).unwrap();
+    let connector = web_connector(&s, backend);
     // A transfer that keeps both directions busy.
     let mut flow = TcpStream::connect(s.local).await.unwrap();
     let mut name = [0u8; 5];
@@ -144,9 +182,7 @@ async fn a_dead_relay_is_noticed_in_seconds() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     s.relay.signal(SIGKILL);
-    for (who, p) in [("agent", &s.agent), ("connector", &connector)] {
-        let noticed = time_until(Duration::from_secs(10), || p.log_text().contains("the relay stopped answering"));
-        let noticed = noticed.unwrap_or_else(|| panic!("the {who} did not notice\n{}", p.log_tail(20)));
+    for (who, noticed) in times_to_notice(&s, &connector, Duration::from_secs(10)) {
         assert!(noticed < NOTICED_WITHIN, "the busy {who} noticed after {noticed:?}");
         eprintln!("busy: the {who} noticed the dead relay after {noticed:?}");
     }
@@ -159,11 +195,9 @@ async fn a_dead_relay_is_noticed_in_seconds() {
 async fn a_dead_relay_is_noticed_by_idle_clients_within_the_keepalive_and_the_bound() {
     let s = setup("idlerelay").await;
     let backend = named_backend("web-1").await;
-    let connector = start_connector(&s.pki, s.relay.addr_v4(), "web-1", &[format!("web={backend}")], &[]).unwrap();
+    let connector = web_connector(&s, backend);
     s.relay.signal(SIGKILL);
-    for (who, p) in [("agent", &s.agent), ("connector", &connector)] {
-        let noticed = time_until(Duration::from_secs(20), || p.log_text().contains("the relay stopped answering"));
-        let noticed = noticed.unwrap_or_else(|| panic!("the idle {who} did not notice\n{}", p.log_tail(20)));
+    for (who, noticed) in times_to_notice(&s, &connector, Duration::from_secs(20)) {
         assert!(noticed < Duration::from_secs(10) + NOTICED_WITHIN, "the idle {who} noticed after {noticed:?}");
         eprintln!("idle: the {who} noticed the dead relay after {noticed:?}");
     }
@@ -176,7 +210,7 @@ async fn a_dead_relay_is_noticed_by_idle_clients_within_the_keepalive_and_the_bo
 async fn a_restarted_relay_resets_lost_connections_so_clients_reconnect_at_once() {
     let s = setup("resetrelay").await;
     let backend = named_backend("web-1").await;
-    let _connector = start_connector(&s.pki, s.relay.addr_v4(), "web-1", &[format!("web={backend}")], &[]).unwrap();
+    let _connector = web_connector(&s, backend);
     assert_eq!(who_answers(s.local).await.unwrap(), "web-1");
     let port = s.relay.addr_v4().port();
     s.relay.signal(SIGKILL);
@@ -212,16 +246,9 @@ async fn a_transfer_survives_a_relay_restart_and_a_relay_crash() {
     let backend = l.local_addr().unwrap();
     tokio::spawn(async move {
         let (mut c, _) = l.accept().await.unwrap();
-        let mut x = 0x9e3779b97f4a7c15u64;
-        let mut chunk = vec![0u8; 64 * 1024];
-        for _ in 0..LEN / chunk.len() {
-            for b in chunk.iter_mut() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *b = x as u8;
-            }
-            if c.write_all(&chunk).await.is_err() {
+        let mut pattern = Pattern::new();
+        for _ in 0..LEN / CHUNK {
+            if c.write_all(pattern.next_chunk()).await.is_err() {
                 return;
             }
         }
@@ -230,20 +257,13 @@ async fn a_transfer_survives_a_relay_restart_and_a_relay_crash() {
     let want = {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
-        let mut x = 0x9e3779b97f4a7c15u64;
-        let mut chunk = vec![0u8; 64 * 1024];
-        for _ in 0..LEN / chunk.len() {
-            for b in chunk.iter_mut() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *b = x as u8;
-            }
-            h.update(&chunk);
+        let mut pattern = Pattern::new();
+        for _ in 0..LEN / CHUNK {
+            h.update(pattern.next_chunk());
         }
         h.finalize()
     };
-    let _connector = start_connector(&s.pki, s.relay.addr_v4(), "web-1", &[format!("web={backend}")], &[]).unwrap();
+    let _connector = web_connector(&s, backend);
     let local = s.local;
     let reader = tokio::spawn(async move {
         use sha2::Digest;
